@@ -48,7 +48,10 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import hashlib
+import heapq
 import hmac
+import html
 import http.client
 import ipaddress
 import itertools
@@ -654,7 +657,8 @@ class IdentifyQueue:
         """Grants in the last IN_FLIGHT_WINDOW seconds: Discord may not have counted their IDENTIFY yet."""
         return sum(1 for granted_at, _ in self.recent if granted_at >= now - IN_FLIGHT_WINDOW)
 
-    def _roll_budget(self, now: float) -> None:
+    def roll_budget(self, now: float) -> None:
+        """Restores the full budget once its reset time has passed (Discord does the same on its side)."""
         budget = self.budget
         if budget is not None and now >= budget.reset_at and budget.remaining < budget.total:
             log.info("session-start budget reset: %d of %d available", budget.total, budget.total)
@@ -665,11 +669,34 @@ class IdentifyQueue:
         """Seconds until `bucket` may grant: its interval, or the budget's reset when none is left."""
         wait = bucket.next_at - now
         budget = self.budget
-        if budget is not None:
-            self._roll_budget(now)
-            if budget.remaining <= 0:
-                wait = max(wait, budget.reset_at - now)
+        if budget is not None and budget.remaining <= 0:
+            wait = max(wait, budget.reset_at - now)
         return wait
+
+    def drain_estimate(self, now: float) -> float:
+        """Seconds until every parked request is granted, if nobody else arrives or leaves and clients answer at once.
+
+        Without a binding budget it is the slowest bucket's line times the interval. When the budget runs out first,
+        grants are played forward in time order across buckets, each reset restoring the full budget.
+        """
+        lines = [(max(now, b.next_at), b.index, len(b.waiters)) for b in self.buckets if b.waiters]
+        if not lines:
+            return 0.0
+        budget = self.budget
+        waiting = sum(count for _, _, count in lines)
+        if budget is None or budget.remaining >= waiting or (now >= budget.reset_at and budget.total >= waiting):
+            return max(start + (count - 1) * self.interval for start, _, count in lines) - now
+        remaining, reset_at, floor, last = budget.remaining, budget.reset_at, now, now
+        heapq.heapify(lines)
+        while lines:
+            at, index, count = heapq.heappop(lines)
+            if remaining <= 0:  # every bucket waits for the reset, then the full budget is back
+                floor, remaining, reset_at = max(floor, reset_at), budget.total, max(floor, reset_at) + BUDGET_WINDOW
+            last = max(at, floor)
+            remaining -= 1
+            if count > 1:
+                heapq.heappush(lines, (last + self.interval, index, count - 1))
+        return last - now
 
     # -- workers -------------------------------------------------------------------------------------------------
 
@@ -681,7 +708,9 @@ class IdentifyQueue:
                 await bucket.wakeup
                 bucket.wakeup = None
                 continue
-            wait = self.delay(bucket, self.clock())
+            now = self.clock()
+            self.roll_budget(now)
+            wait = self.delay(bucket, now)
             if wait > 0:
                 await self._sleep_until(wait)
                 continue  # re-check everything: the head may have left, the budget may have changed
@@ -911,6 +940,155 @@ class DiscordLimits:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Operator views: /metrics, /status
+# ----------------------------------------------------------------------------------------------------------------
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text exposition format 0.0.4
+HTML_TYPE = "text/html; charset=utf-8"
+STATUS_REFRESH = 3  # seconds between the HTML page's self-refreshes
+
+
+class Metrics:
+    """Builds one Prometheus text exposition: a family is HELP, TYPE, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Sequence[Tuple[str, float]] = ()) -> None:
+        """Adds a family; each sample is (label text such as '{bucket="0"}', or a _bucket/_sum suffix, value)."""
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        self.lines.extend(f"{name}{labels} {_metric_value(value)}" for labels, value in samples)
+
+    def render(self) -> bytes:
+        """The exposition as bytes, ending in a newline as the format requires."""
+        return ("\n".join(self.lines) + "\n").encode()
+
+
+def _metric_value(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(float(value))
+
+
+def process_metrics(metrics: Metrics, started: float) -> None:
+    """The process_ families that the official Prometheus clients export on Linux, read from /proc where present."""
+    times = os.times()
+    metrics.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+                   [("", times.user + times.system)])
+    try:
+        with open("/proc/self/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces and parens
+        with open("/proc/stat", "rb") as system_stat:
+            boot = next(int(line.split()[1]) for line in system_stat if line.startswith(b"btime "))
+        ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        start_time = boot + int(fields[19]) / ticks
+        memory = [("process_virtual_memory_bytes", "Virtual memory size in bytes.", int(fields[20])),
+                  ("process_resident_memory_bytes", "Resident memory size in bytes.", int(fields[21]) * page)]
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, IndexError, ValueError, StopIteration):
+        metrics.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+                       [("", started)])
+        return
+    metrics.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+                   [("", start_time)])
+    for name, help_text, value in memory:
+        metrics.family(name, "gauge", help_text, [("", value)])
+    metrics.family("process_open_fds", "gauge", "Number of open file descriptors.", [("", open_fds)])
+    if resource is not None:
+        metrics.family("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+                       [("", resource.getrlimit(resource.RLIMIT_NOFILE)[0])])
+
+
+def status_html(status: Dict[str, Any]) -> bytes:
+    """The /status snapshot as one small page: no scripts, no outside assets, refreshing itself."""
+    esc = html.escape
+    buckets = status["buckets"]
+    widest = max([b["waiting"] for b in buckets] + [1])
+    rows = "\n".join(
+        f'<tr><td>{b["bucket"]}</td><td class="bar"><span style="width:{100 * b["waiting"] / widest:.1f}%"></span></td>'
+        f'<td>{b["waiting"]}</td><td>{esc(describe_seconds(b["next_grant_in"]))}</td></tr>'
+        for b in buckets
+    )
+    budget = status["session_starts"]
+    budget_text = (
+        f'{budget["remaining"]} of {budget["total"]} session starts left; resets in {describe_seconds(budget["resets_in"])}'
+        if budget else "no session-start cap (no DISCORD_TOKEN, or Discord has not answered yet)"
+    )
+    waiting = status["waiting"]
+    estimate = (
+        f'All {waiting} waiting request{"s" if waiting != 1 else ""} should be granted in '
+        f'{describe_seconds(status["estimated_drain_seconds"])}.' if waiting else "Nobody is waiting."
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{STATUS_REFRESH}">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>gateway-queue status</title>
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 52em; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.4em; }} .estimate {{ font-size: 1.2em; font-weight: 600; }}
+table {{ border-collapse: collapse; width: 100%; }} td, th {{ padding: 2px 8px; text-align: right; }}
+td.bar {{ width: 60%; text-align: left; }} td.bar span {{ display: inline-block; height: 0.9em; background: #5865f2; }}
+dt {{ float: left; clear: left; width: 13em; color: #555; }} dd {{ margin: 0 0 0.3em 13em; }}
+</style></head><body>
+<h1>gateway-queue {esc(VERSION)}</h1>
+<p class="estimate">{esc(estimate)}</p>
+<dl>
+<dt>Limits from</dt><dd>{esc(status["limits"]["source"])}</dd>
+<dt>max_concurrency</dt><dd>{status["limits"]["max_concurrency"]}</dd>
+<dt>Identify interval</dt><dd>{status["limits"]["identify_interval"]:g} s</dd>
+<dt>Session starts</dt><dd>{esc(budget_text)}</dd>
+<dt>Waiting</dt><dd>{waiting}</dd>
+<dt>Open connections</dt><dd>{status["open_connections"]}</dd>
+</dl>
+<table><thead><tr><th>bucket</th><th></th><th>waiting</th><th>next grant</th></tr></thead><tbody>
+{rows}
+</tbody></table>
+<p><small>Refreshes every {STATUS_REFRESH} s. The same data as JSON: <code>curl http://&lt;queue&gt;/status</code>.</small></p>
+</body></html>
+"""
+    return page.encode()
+
+
+def describe_seconds(seconds: float) -> str:
+    """Plain words for a duration: "now", "about 12 seconds", "about 4 minutes 10 seconds", "about 3 hours 5 minutes"."""
+    seconds = max(0, round(seconds))
+    if seconds == 0:
+        return "now"
+    units = [("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)]
+    parts = []
+    for name, size in units:
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}{'s' if count != 1 else ''}")
+        if len(parts) == 2:
+            break
+    return "about " + " ".join(parts)
+
+
+def prefers_html(accept: Optional[bytes]) -> bool:
+    """True when an Accept header ranks text/html above application/json (a browser); JSON wins ties."""
+    if not accept:
+        return False
+    ranges: Dict[str, float] = {}
+    for item in accept.decode("latin-1").split(","):
+        media, *params = [part.strip().lower() for part in item.split(";")]
+        quality = 1.0
+        for param in params:
+            if param.startswith("q=") and _DECIMAL.fullmatch(param[2:]):
+                quality = float(param[2:])
+        ranges[media] = max(quality, ranges.get(media, 0.0))
+
+    def quality_of(media: str) -> float:
+        kind = media.split("/")[0]
+        for candidate in (media, f"{kind}/*", "*/*"):
+            if candidate in ranges:
+                return ranges[candidate]
+        return 0.0
+
+    return quality_of("text/html") > quality_of("application/json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Connections
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1130,6 +1308,8 @@ class Server:
         self.keepalive_timeout = keepalive_timeout
         limit = raise_file_limit()
         self.max_connections = max_connections or max(1, (limit or 1024) - FD_RESERVE)
+        self.started = time.time()
+        self._secret_digest = hashlib.sha256(config.auth_token.encode()).digest() if config.auth_token else None
         self.stats = Stats()
         self.queue = IdentifyQueue(config.interval, config.max_concurrency, clock=clock, stats=self.stats)
         self.discord: Optional[DiscordLimits] = None
@@ -1251,17 +1431,94 @@ class Server:
 
     def respond(self, request: Request) -> Optional[bytes]:
         """The response to a request that is not queued, or None for a queue request. Raises HTTPError to refuse."""
+        if request.path != "/healthz":
+            self._authorize(request)
         if request.path not in RESERVED_PATHS:
             return None
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, f"{request.path} answers GET and HEAD only", close=False, headers=(("Allow", "GET, HEAD"),))
-        head = request.method == "HEAD"
-        keep_alive_10 = request.keep_alive and request.version == "1.0"
-        close = not request.keep_alive
+        options: Dict[str, Any] = {
+            "head": request.method == "HEAD",
+            "close": not request.keep_alive,
+            "keep_alive_10": request.keep_alive and request.version == "1.0",
+        }
         if request.path == "/healthz":
-            body = {"status": "ok", "waiting": self.queue.waiting, "limits": self.limits_source}
-            return render_json(200, body, head=head, close=close, keep_alive_10=keep_alive_10)
-        raise HTTPError(404, f"{request.path} is not available yet", close=False)
+            return render_json(200, {"status": "ok", "waiting": self.queue.waiting, "limits": self.limits_source}, **options)
+        if request.path == "/metrics":
+            return render(200, self.metrics(), content_type=METRICS_TYPE, **options)
+        status = self.status()
+        if prefers_html(request.header(b"accept")):
+            return render(200, status_html(status), content_type=HTML_TYPE, **options)
+        return render_json(200, status, **options)
+
+    def _authorize(self, request: Request) -> None:
+        if self._secret_digest is None:
+            return
+        scheme, _, credentials = (request.header(b"authorization") or b"").partition(b" ")
+        # Digests of equal length are compared, so timing reveals neither the secret's content nor its length.
+        given = hashlib.sha256(credentials.strip(b" ")).digest()
+        if not hmac.compare_digest(given, self._secret_digest) or scheme.lower() != b"bearer":
+            raise HTTPError(
+                401, "missing or wrong credentials: send Authorization: Bearer <AUTH_TOKEN>", close=False,
+                headers=(("WWW-Authenticate", 'Bearer realm="gateway-queue"'),),
+            )
+
+    def metrics(self) -> bytes:
+        """The /metrics exposition."""
+        queue, stats, budget, now = self.queue, self.stats, self.queue.budget, self.queue.clock()
+        metrics = Metrics()
+        metrics.family("gateway_queue_requests_total", "counter",
+                       "Queue requests by outcome: granted, cancelled (the client left first), rejected (refused).",
+                       [(f'{{outcome="{outcome}"}}', count) for outcome, count in stats.requests.items()])
+        metrics.family("gateway_queue_waiting_requests", "gauge", "Requests parked, per bucket.",
+                       [(f'{{bucket="{b.index}"}}', len(b.waiters)) for b in queue.buckets])
+        cumulative = list(itertools.accumulate(stats.wait_counts))
+        bounds = [_metric_value(bound) for bound in Stats.WAIT_BUCKETS] + ["+Inf"]
+        metrics.family("gateway_queue_wait_seconds", "histogram", "Time from a request's arrival to its grant.",
+                       [(f'_bucket{{le="{le}"}}', count) for le, count in zip(bounds, cumulative)]
+                       + [("_sum", stats.wait_sum), ("_count", cumulative[-1])])
+        metrics.family("gateway_queue_open_connections", "gauge", "Open client connections.", [("", len(self.connections))])
+        metrics.family("gateway_queue_max_concurrency", "gauge", "Buckets in force (Discord's max_concurrency).",
+                       [("", queue.max_concurrency)])
+        metrics.family("gateway_queue_identify_interval_seconds", "gauge", "Minimum time between two grants in a bucket.",
+                       [("", queue.interval)])
+        metrics.family("gateway_queue_limits_info", "gauge", "Where the limits in force come from.",
+                       [(f'{{source="{self.limits_source}"}}', 1)])
+        metrics.family("gateway_queue_session_start_limit", "gauge", "Session starts allowed per window (Discord's total).",
+                       [("", budget.total)] if budget else [])
+        metrics.family("gateway_queue_session_starts_remaining", "gauge", "Session starts left before the reset.",
+                       [("", budget.remaining)] if budget else [])
+        metrics.family("gateway_queue_session_start_reset_seconds", "gauge", "Seconds until the session-start budget resets.",
+                       [("", max(0.0, budget.reset_at - now))] if budget else [])
+        metrics.family("gateway_queue_discord_requests_total", "counter",
+                       "GET /gateway/bot calls by HTTP status (error: no answer).",
+                       sorted((f'{{status="{status}"}}', count) for status, count in stats.discord.items()))
+        process_metrics(metrics, self.started)
+        return metrics.render()
+
+    def status(self) -> Dict[str, Any]:
+        """The /status snapshot."""
+        queue, budget, now = self.queue, self.queue.budget, self.queue.clock()
+        session_starts = None
+        if budget is not None:
+            resets_in = max(0.0, budget.reset_at - now)
+            session_starts = {
+                "total": budget.total, "remaining": budget.remaining, "resets_in": round(resets_in, 3),
+                "resets_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + resets_in)),
+            }
+        return {
+            "version": VERSION,
+            "limits": {"source": self.limits_source, "max_concurrency": queue.max_concurrency,
+                       "identify_interval": queue.interval},
+            "session_starts": session_starts,
+            "waiting": queue.waiting,
+            "open_connections": len(self.connections),
+            "estimated_drain_seconds": round(queue.drain_estimate(now), 3),
+            "buckets": [{"bucket": b.index, "waiting": len(b.waiters), "next_grant_in": round(max(0.0, queue.delay(b, now)), 3)}
+                        for b in queue.buckets],
+            "requests": dict(self.stats.requests),
+            "discord_error": self.discord.last_error if self.discord else None,
+        }
 
     def park(self, request: Request, release: Callable[[], bool]) -> Waiter:
         """Queues a request; HTTPError(400) for a bad shard parameter."""

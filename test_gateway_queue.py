@@ -1038,6 +1038,228 @@ class LifecycleTests(ServerTestCase):
         self.assertIn("PORT", logs.output[0])
 
 
+class DrainEstimateTests(unittest.TestCase):
+    """The /status estimate on a fake clock: no worker runs, the queue is only looked at."""
+
+    def queue(self, max_concurrency: int, waiting: List[int], budget: Optional[gq.Budget] = None) -> gq.IdentifyQueue:
+        queue = gq.IdentifyQueue(5.0, max_concurrency, clock=lambda: 100.0)
+        queue.budget = budget
+        for bucket, count in enumerate(waiting):
+            for _ in range(count):
+                queue.put(bucket, lambda: True)
+        return queue
+
+    def test_empty(self) -> None:
+        self.assertEqual(self.queue(4, [0, 0, 0, 0]).drain_estimate(100.0), 0.0)
+
+    def test_slowest_bucket_decides(self) -> None:
+        queue = self.queue(4, [3, 1, 5, 0])
+        self.assertEqual(queue.drain_estimate(100.0), 20.0)  # bucket 2: now, +5, +10, +15, +20
+        queue.buckets[1].next_at = 130.0
+        self.assertEqual(queue.drain_estimate(100.0), 30.0)
+
+    def test_budget_that_runs_out_adds_the_reset(self) -> None:
+        budget = gq.Budget(total=10, remaining=2, reset_at=1000.0)
+        queue = self.queue(2, [2, 2], budget)
+        # two grants now (one per bucket), the budget is gone, the other two go at the reset, together
+        self.assertEqual(queue.drain_estimate(100.0), 900.0)
+        queue.budget = gq.Budget(total=10, remaining=4, reset_at=1000.0)
+        self.assertEqual(queue.drain_estimate(100.0), 5.0)
+
+    def test_several_resets(self) -> None:
+        queue = self.queue(1, [5], gq.Budget(total=2, remaining=0, reset_at=200.0))
+        # 2 at the first reset (200, 205), 2 at the next (86600, 86605), the last at the third reset
+        self.assertEqual(queue.drain_estimate(100.0), 200.0 + 2 * gq.BUDGET_WINDOW - 100.0)
+
+
+class OperatorViewHelperTests(unittest.TestCase):
+    def test_prefers_html(self) -> None:
+        browser = b"text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        self.assertTrue(gq.prefers_html(browser))
+        for accept in (None, b"", b"*/*", b"application/json", b"application/json, text/html",
+                       b"text/html;q=0.5, application/json", b"text/*;q=0.2, */*;q=0.5"):
+            with self.subTest(accept=accept):
+                self.assertFalse(gq.prefers_html(accept))
+        self.assertTrue(gq.prefers_html(b"text/*, application/json;q=0.9"))
+
+    def test_describe_seconds(self) -> None:
+        cases = [(0, "now"), (0.4, "now"), (1, "about 1 second"), (59.6, "about 1 minute"),
+                 (250, "about 4 minutes 10 seconds"), (3 * 3600 + 5 * 60 + 7, "about 3 hours 5 minutes"),
+                 (86400 * 2 + 3600, "about 2 days 1 hour")]
+        for seconds, words in cases:
+            self.assertEqual(gq.describe_seconds(seconds), words)
+
+
+def parse_exposition(text: str) -> Tuple[dict, dict]:
+    """Prometheus text format 0.0.4 into ({family: (type, help)}, {sample name with labels: value}); asserts that
+    every sample belongs to a family announced before it."""
+    families: dict = {}
+    samples: dict = {}
+    helps: dict = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, help_text = line[7:].split(" ", 1)
+            helps[name] = help_text
+        elif line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert name in helps, f"TYPE before HELP for {name}"
+            families[name] = (kind, helps[name])
+        else:
+            key, value = line.rsplit(" ", 1)
+            name = key.split("{")[0]
+            base = next((f for f in (name, name.rsplit("_", 1)[0]) if f in families), None)
+            assert base is not None, f"sample {key} outside any family"
+            samples[key] = float(value)
+    return families, samples
+
+
+class OperatorViewTests(ServerTestCase):
+    async def metrics(self, server: gq.Server, *headers: str) -> Tuple[dict, dict]:
+        response = await self.ask(server, get("/metrics", *headers))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        self.assertTrue(response.body.endswith(b"\n"))
+        return parse_exposition(response.body.decode())
+
+    async def test_metric_families_follow_conventions(self) -> None:
+        server = await self.start(max_concurrency=2)
+        families, samples = await self.metrics(server)
+        expected = {
+            "gateway_queue_requests_total": "counter", "gateway_queue_waiting_requests": "gauge",
+            "gateway_queue_wait_seconds": "histogram", "gateway_queue_open_connections": "gauge",
+            "gateway_queue_max_concurrency": "gauge", "gateway_queue_session_starts_remaining": "gauge",
+            "gateway_queue_session_start_limit": "gauge", "gateway_queue_session_start_reset_seconds": "gauge",
+            "gateway_queue_discord_requests_total": "counter",
+        }
+        for name, kind in expected.items():
+            self.assertEqual(families[name][0], kind, name)
+        for name, (kind, _) in families.items():
+            self.assertRegex(name, r"^(gateway_queue|process)_[a-z_]+$")
+            self.assertEqual(kind == "counter", name.endswith("_total"), name)  # _total is for counters only
+        if os.path.exists("/proc/self/stat"):
+            for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total",
+                         "process_start_time_seconds", "process_max_fds"):
+                self.assertIn(name, samples)
+            self.assertGreater(samples["process_resident_memory_bytes"], 1_000_000)
+            self.assertAlmostEqual(samples["process_start_time_seconds"], time.time(), delta=600)
+        self.assertEqual(samples['gateway_queue_waiting_requests{bucket="1"}'], 0)
+        self.assertEqual(samples["gateway_queue_max_concurrency"], 2)
+        self.assertEqual(samples["gateway_queue_open_connections"], 1)
+
+    async def test_counters_move_on_grant_cancel_and_reject(self) -> None:
+        server = await self.start(interval=5.0)
+        await self.ask(server, get("/?shard=0"))  # granted
+        reader, writer = await self.connect(server)
+        writer.write(get("/?shard=0"))  # parked behind the first
+        await asyncio.sleep(0.05)
+        _, samples = await self.metrics(server)
+        self.assertEqual(samples['gateway_queue_waiting_requests{bucket="0"}'], 1)
+        writer.close()  # cancelled
+        await asyncio.sleep(0.05)
+        await self.ask(server, get("/?shard=x"))  # rejected
+        _, samples = await self.metrics(server)
+        self.assertEqual(samples['gateway_queue_requests_total{outcome="granted"}'], 1)
+        self.assertEqual(samples['gateway_queue_requests_total{outcome="cancelled"}'], 1)
+        self.assertEqual(samples['gateway_queue_requests_total{outcome="rejected"}'], 1)
+        self.assertEqual(samples['gateway_queue_waiting_requests{bucket="0"}'], 0)
+
+    async def test_wait_histogram_adds_up(self) -> None:
+        server = await self.start(interval=0.12)
+        await asyncio.gather(*(self.ask(server, get("/?shard=0")) for _ in range(3)))
+        _, samples = await self.metrics(server)
+        buckets = [(float(key.split('le="')[1].rstrip('"}')), value) for key, value in samples.items()
+                   if key.startswith("gateway_queue_wait_seconds_bucket")]
+        counts = [value for _, value in sorted(buckets)]
+        self.assertEqual(counts, sorted(counts))  # cumulative
+        self.assertEqual(samples['gateway_queue_wait_seconds_bucket{le="+Inf"}'], 3)
+        self.assertEqual(samples["gateway_queue_wait_seconds_count"], 3)
+        self.assertEqual(samples['gateway_queue_wait_seconds_bucket{le="0.1"}'], 1)  # the first went at once
+        self.assertGreaterEqual(samples["gateway_queue_wait_seconds_sum"], 0.12 + 0.24)
+
+    async def test_budget_metrics_and_status(self) -> None:
+        server = await self.start(interval=5.0, max_concurrency=2)
+        server.queue.set_limits(2, gq.Budget(total=1000, remaining=1, reset_at=time.monotonic() + 3600))
+        await self.ask(server, get("/?shard=0"))  # spends the last session start
+        parked = [await self.connect(server) for _ in range(3)]
+        for shard, (_, writer) in enumerate(parked):
+            writer.write(get(f"/?shard={shard + 1}"))
+        await asyncio.sleep(0.1)
+        _, samples = await self.metrics(server)
+        self.assertEqual(samples["gateway_queue_session_starts_remaining"], 0)
+        self.assertEqual(samples["gateway_queue_session_start_limit"], 1000)
+        self.assertAlmostEqual(samples["gateway_queue_session_start_reset_seconds"], 3600, delta=5)
+        status = (await self.ask(server, get("/status"))).json()
+        self.assertEqual(status["session_starts"]["remaining"], 0)
+        self.assertEqual(status["waiting"], 3)
+        self.assertEqual([b["waiting"] for b in status["buckets"]], [1, 2])
+        self.assertAlmostEqual(status["buckets"][0]["next_grant_in"], 3600, delta=5)
+        # after the reset: bucket 0 and 1 go together, bucket 1's second one an interval later
+        self.assertAlmostEqual(status["estimated_drain_seconds"], 3605, delta=5)
+        self.assertEqual(status["limits"], {"source": "environment", "max_concurrency": 2, "identify_interval": 5.0})
+        self.assertEqual(status["open_connections"], 6)  # 3 parked, and 3 kept alive by ask(): grant, metrics, status
+
+    async def test_status_html_for_browsers(self) -> None:
+        import html.parser
+
+        server = await self.start(interval=5.0, max_concurrency=3)
+        await self.ask(server, get("/?shard=2"))
+        for _ in range(4):
+            _, writer = await self.connect(server)
+            writer.write(get("/?shard=2"))
+        await asyncio.sleep(0.1)
+        accept = "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        response = await self.ask(server, get("/status", accept))
+        self.assertEqual(response.headers["content-type"], "text/html; charset=utf-8")
+
+        class Page(html.parser.HTMLParser):
+            def __init__(self) -> None:
+                super().__init__()
+                self.tags: List[Tuple[str, dict]] = []
+                self.text: List[str] = []
+
+            def handle_starttag(self, tag: str, attrs: list) -> None:
+                self.tags.append((tag, dict(attrs)))
+
+            def handle_data(self, data: str) -> None:
+                self.text.append(data)
+
+        page = Page()
+        page.feed(response.body.decode())
+        page.close()
+        text = " ".join(page.text)
+        names = [tag for tag, _ in page.tags]
+        self.assertNotIn("script", names)
+        self.assertFalse([a for _, a in page.tags if any(v and "//" in v for k, v in a.items() if k in ("src", "href"))])
+        self.assertIn(("meta", {"http-equiv": "refresh", "content": str(gq.STATUS_REFRESH)}), page.tags)
+        self.assertIn("All 4 waiting requests should be granted in about 20 seconds", text)
+        bars = [a["style"] for tag, a in page.tags if tag == "span" and "style" in a]
+        self.assertEqual(bars, ["width:0.0%", "width:0.0%", "width:100.0%"])  # one bar per bucket
+        self.assertEqual((await self.ask(server, get("/status"))).headers["content-type"], "application/json")
+
+
+class AuthTests(ServerTestCase):
+    SECRET = "correct-horse-battery-staple"
+
+    async def test_requests_need_the_secret(self) -> None:
+        with self.assertLogs("gateway_queue", logging.DEBUG) as logs:
+            server = await self.start(auth_token=self.SECRET, log_level="DEBUG")
+            for target in ("/?shard=0", "/metrics", "/status"):
+                for header in ((), ("Authorization: Bearer wrong",), ("Authorization: Basic " + self.SECRET,),
+                               ("Authorization: Bearer " + self.SECRET + "x",), ("Authorization: Bearer",)):
+                    response = await self.ask(server, get(target, *header))
+                    self.assertEqual(response.status, 401, (target, header))
+                    self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="gateway-queue"')
+                    self.assertNotIn(self.SECRET, response.body.decode())
+            self.assertEqual(server.queue.waiting + server.stats.requests["granted"], 0)  # nothing was queued
+            response = await self.ask(server, get("/?shard=0", "Authorization: Bearer " + self.SECRET))
+            self.assertEqual(response.status, 200)
+            response = await self.ask(server, get("/metrics", "Authorization: bearer " + self.SECRET))
+            self.assertEqual(response.status, 200)
+            self.assertEqual((await self.ask(server, get("/healthz"))).status, 200)  # exempt, for probes
+            logging.getLogger("gateway_queue").debug("end of test")
+        self.assertNotIn(self.SECRET, "\n".join(logs.output))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
