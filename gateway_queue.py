@@ -68,7 +68,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Coroutine, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 try:
     import resource
@@ -491,14 +491,24 @@ def render_error(exc: HTTPError, request: Optional[Request] = None) -> bytes:
     )
 
 
-_GRANTS: Dict[Tuple[bool, bool, bool], bytes] = {}
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """A parked request's answer, rendered once per (HEAD, close, HTTP/1.0 keep-alive) combination and shared: a
+    parked connection keeps this instead of its whole request."""
+
+    head: bool
+    close: bool
+    response: bytes
 
 
-def grant_response(request: Request) -> bytes:
-    """The grant for this request, rendered once per (HEAD, close, HTTP/1.0 keep-alive) combination."""
+_GRANTS: Dict[Tuple[bool, bool, bool], Grant] = {}
+
+
+def grant_for(request: Request) -> Grant:
+    """The shared Grant for this request."""
     key = (request.method == "HEAD", not request.keep_alive, request.keep_alive and request.version == "1.0")
     if key not in _GRANTS:
-        _GRANTS[key] = render(200, GRANT_BODY, head=key[0], close=key[1], keep_alive_10=key[2])
+        _GRANTS[key] = Grant(key[0], key[1], render(200, GRANT_BODY, head=key[0], close=key[1], keep_alive_10=key[2]))
     return _GRANTS[key]
 
 
@@ -1105,8 +1115,8 @@ class Connection:
     parked request costs no timer.
     """
 
-    __slots__ = ("server", "reader", "writer", "transport", "buf", "request", "body_left", "waiter", "timer",
-                 "timer_kind", "closed", "resume")
+    __slots__ = ("server", "reader", "writer", "transport", "buf", "request", "body_left", "waiter", "grant",
+                 "timer", "timer_kind", "closed", "resume")
 
     def __init__(self, server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         # per connection
@@ -1119,10 +1129,11 @@ class Connection:
         self.timer: Optional[asyncio.TimerHandle] = None
         self.timer_kind: Optional[str] = None
         self.resume: Optional[asyncio.Future] = None  # set while reading is paused behind a parked request
-        # per request: the one being received (its body discarded) or parked
+        # per request: the one whose body is being discarded, or the one parked
         self.request: Optional[Request] = None
         self.body_left = 0
         self.waiter: Optional[Waiter] = None
+        self.grant: Optional[Grant] = None
 
     async def run(self) -> None:
         """Reads until EOF, error or close; answers requests as they complete."""
@@ -1142,6 +1153,8 @@ class Connection:
                     await self.writer.drain()
         except (ConnectionError, OSError):
             pass  # the peer reset the connection: not an error
+        except asyncio.CancelledError:
+            pass  # the loop is closing: end quietly (3.11 logs a traceback per cancelled connection task)
         except Exception:
             log.exception("internal error on a connection; closing it")
             self._refuse(HTTPError(500, "internal error"))
@@ -1185,8 +1198,8 @@ class Connection:
         try:
             response = self.server.respond(request)
             if response is None:  # a queue request: park it
-                self.request = request
                 self.waiter = self.server.park(request, self._release)
+                self.grant = grant_for(request)
                 return
         except HTTPError as exc:
             self._refuse(exc, request)
@@ -1199,11 +1212,11 @@ class Connection:
         """Called by the bucket's worker: writes the grant; False if the client is already gone."""
         if self.closed or self.transport.is_closing():
             return False
-        request = self.request
-        assert request is not None
-        self.writer.write(grant_response(request))
-        self.request = self.waiter = None
-        if not request.keep_alive:
+        grant = self.grant
+        assert grant is not None
+        self.writer.write(grant.response)
+        self.grant = self.waiter = None
+        if grant.close:
             self.close()
         elif self.buf or self.resume is not None:
             asyncio.get_running_loop().call_soon(self._continue)
@@ -1229,7 +1242,9 @@ class Connection:
         """Server stop: a parked request gets 503 (so the client retries elsewhere or later); everyone is closed."""
         if self.waiter is not None and self.server.queue.cancel(self.waiter):
             self.waiter = None
-            self._refuse(HTTPError(503, "gateway-queue is shutting down; retry", headers=(("Retry-After", "1"),)), self.request)
+            self.server.stats.requests["rejected"] += 1
+            self.writer.write(render_json(503, {"message": "gateway-queue is shutting down; retry"}, close=True,
+                                          head=self.grant is not None and self.grant.head, headers=(("Retry-After", "1"),)))
         self.close()
 
     def close(self) -> None:
@@ -1419,15 +1434,17 @@ class Server:
 
     # -- requests ------------------------------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[Coroutine[Any, Any, None]]:
+        """start_server's callback. It returns the connection's coroutine rather than awaiting it, so that asyncio
+        wraps that coroutine in the connection's task directly: one coroutine frame less per parked request."""
         if len(self.connections) >= self.max_connections or (self._stopping is not None and self._stopping.done()):
             self.stats.requests["rejected"] += 1
             writer.write(render_error(HTTPError(503, "too many open connections; retry shortly", headers=(("Retry-After", "1"),))))
             writer.close()
-            return
+            return None
         conn = Connection(self, reader, writer)
         self.connections.add(conn)
-        await conn.run()
+        return conn.run()
 
     def respond(self, request: Request) -> Optional[bytes]:
         """The response to a request that is not queued, or None for a queue request. Raises HTTPError to refuse."""

@@ -352,7 +352,7 @@ class ParserTests(unittest.TestCase):
 class ResponseTests(unittest.TestCase):
     def test_grant_is_twilights_body(self) -> None:
         request, _ = gq.parse_request_head(b"GET / HTTP/1.1\r\nHost: q\r\n\r\n")
-        raw = gq.grant_response(request)
+        raw = gq.grant_for(request).response
         head, body = raw.split(b"\r\n\r\n", 1)
         self.assertEqual(body, b'{"message": "You\'re free to connect now! :)"}')
         self.assertEqual(len(body), 45)
@@ -362,12 +362,12 @@ class ResponseTests(unittest.TestCase):
 
     def test_head_and_connection_variants(self) -> None:
         head_request, _ = gq.parse_request_head(b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        raw = gq.grant_response(head_request)
+        raw = gq.grant_for(head_request).response
         self.assertTrue(raw.endswith(b"\r\n\r\n"))
         self.assertIn(b"Content-Length: 45", raw)
         self.assertIn(b"Connection: keep-alive", raw)
         close_request, _ = gq.parse_request_head(b"GET / HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n")
-        self.assertIn(b"Connection: close", gq.grant_response(close_request))
+        self.assertIn(b"Connection: close", gq.grant_for(close_request).response)
 
     def test_error_rendering(self) -> None:
         raw = gq.render_error(gq.HTTPError(431, "too big"))
@@ -1330,6 +1330,22 @@ class ProcessTests(unittest.TestCase):
         self.assertIn(b"503 Service Unavailable", parked.recv(4096))
         first.close()
         parked.close()
+        self.assertNotIn("Traceback", proc.stderr.read())  # a shutdown with open connections is quiet
+
+    def test_loop_closing_with_open_connections_is_quiet(self) -> None:
+        code = (
+            "import asyncio, gateway_queue as gq\n"
+            "async def main():\n"
+            "    server = gq.Server(gq.Config(port=0, interval=60))\n"
+            "    await server.start()\n"
+            "    streams = [await asyncio.open_connection('127.0.0.1', server.port) for _ in range(3)]\n"
+            "    for _, writer in streams: writer.write(b'GET /?shard=0 HTTP/1.1\\r\\nHost: q\\r\\n\\r\\n')\n"
+            "    await asyncio.sleep(0.1)\n"
+            "asyncio.run(main())\n"  # returns with connections open: asyncio.run cancels their tasks
+        )
+        done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
 
     def test_healthcheck_mode(self) -> None:
         proc, port = self.start()
