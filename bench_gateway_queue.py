@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -331,10 +332,12 @@ def cancel_storm(service: Service, pool: ClientPool, answers: List[Tuple[int, fl
     out["rss_after_storm1_mib"] = service.rss() / 2**20
     out["rss_storm1_parked_mib"] = rss_before / 2**20
     # second cycle
-    started = time.monotonic()
-    pool.load(shards_for(count))
     granted = service.status()["requests"]["granted"]
-    out["cycle2_accept_burst_s"] = wait_until_parked(service, count + granted, started)
+    started = time.monotonic()
+    loads = pool.load(shards_for(count))
+    connected = sum(part["connected"] for part in loads)
+    out["cycle2_connect_errors"] = [error for part in loads for error in part["errors"]][:5]
+    out["cycle2_accept_burst_s"] = wait_until_parked(service, connected + granted, started)
     out["rss_cycle2_parked_mib"] = service.rss() / 2**20
     pool.close_all()
     while service.status()["waiting"] and time.monotonic() < deadline + 60:
@@ -377,6 +380,340 @@ def machine() -> Dict[str, Any]:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Soak: thousands of clients misbehaving for a set time
+# ----------------------------------------------------------------------------------------------------------------
+
+SOAK_INTERVAL = 5.0  # the environment's floor: the tightest spacing the grant log must still respect
+
+
+async def _soak_actor(port: int, deadline: float, rng: "random.Random", counts: Dict[str, int]) -> None:
+    """One client doing random things in a loop: park, cancel, pipeline, idle on keep-alive, trickle, slowloris,
+    garbage. Every answer it gets must be a well-formed response."""
+    request = lambda shard: b"GET /?shard=%d HTTP/1.1\r\nHost: soak\r\n\r\n" % shard  # noqa: E731
+    health = b"GET /healthz HTTP/1.1\r\nHost: soak\r\n\r\n"
+    while time.monotonic() < deadline:
+        kind = rng.choices(["park", "cancel", "pipeline", "idle", "slow", "slowloris", "garbage"],
+                           [30, 30, 10, 10, 10, 2, 8])[0]
+        counts[kind] = counts.get(kind, 0) + 1
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            counts["connect_error"] = counts.get("connect_error", 0) + 1
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            if kind == "park":
+                writer.write(request(rng.randrange(5000)))
+                await asyncio.wait_for(_expect(reader, counts), rng.uniform(5, 30))
+            elif kind == "cancel":
+                writer.write(request(rng.randrange(5000)))
+                await asyncio.sleep(rng.uniform(0, 3))
+            elif kind == "pipeline":
+                writer.write(health + request(rng.randrange(5000)) + health)
+                await asyncio.wait_for(_expect(reader, counts, 3), 10)
+            elif kind == "idle":
+                for _ in range(rng.randint(1, 3)):
+                    writer.write(health)
+                    await asyncio.wait_for(_expect(reader, counts), 10)
+                    await asyncio.sleep(rng.uniform(0, 3))
+            elif kind == "slow":
+                for byte in request(rng.randrange(5000)):
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.02)
+                await asyncio.wait_for(_expect(reader, counts), 10)
+            elif kind == "slowloris":
+                writer.write(b"GET /?shard=1 HTTP/1.1\r\nHost: so")
+                await asyncio.wait_for(_expect(reader, counts), 20)  # 408 after the head timeout
+            else:
+                writer.write(bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))) + b"\r\n\r\n")
+                await asyncio.wait_for(_expect(reader, counts), 15)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _expect(reader: asyncio.StreamReader, counts: Dict[str, int], responses: int = 1) -> None:
+    for _ in range(responses):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not re.match(rb"HTTP/1\.1 \d{3} ", head):
+            counts["malformed_response"] = counts.get("malformed_response", 0) + 1
+            return
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        await reader.readexactly(length)
+        status = head[9:12].decode()
+        counts[status] = counts.get(status, 0) + 1
+
+
+def _soak_worker(port: int, actors: int, seconds: float, seed: int, pipe: Any) -> None:
+    import random
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    counts: Dict[str, int] = {}
+
+    async def run() -> None:
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(*(_soak_actor(port, deadline, random.Random(seed * 100003 + i), counts) for i in range(actors)))
+
+    asyncio.run(run())
+    pipe.send(counts)
+
+
+def metric(service: Service, name: str) -> float:
+    body = service.get("/metrics")[1].decode()
+    return float(re.search(rf"^{name} (\S+)$", body, re.M).group(1))
+
+
+def grant_log_violations(lines: Sequence[str], interval: float) -> Tuple[int, int, float]:
+    """Reads the DEBUG grant log ("granted shard N (bucket B) at T"): (grants, gaps shorter than interval, smallest
+    gap). The times are the service's own monotonic clock, taken when each grant was written."""
+    last: Dict[int, float] = {}
+    grants = violations = 0
+    smallest = math.inf
+    for line in lines:
+        match = re.search(r"granted shard \d+ \(bucket (\d+)\) at ([0-9.]+)", line)
+        if not match:
+            continue
+        bucket, at = int(match.group(1)), float(match.group(2))
+        grants += 1
+        if bucket in last:
+            gap = at - last[bucket]
+            smallest = min(smallest, gap)
+            violations += gap < interval
+        last[bucket] = at
+    return grants, violations, smallest
+
+
+def soak(seconds: float, actors: int, processes: int = 3) -> Dict[str, Any]:
+    """Runs the soak and returns its figures."""
+    service = Service(MAX_CONCURRENCY="16", IDENTIFY_INTERVAL=str(SOAK_INTERVAL), LOG_LEVEL="DEBUG")
+    time.sleep(0.5)
+    baseline = {"rss_mib": service.rss() / 2**20, "fds": service.fds(), "tasks": metric(service, "gateway_queue_asyncio_tasks")}
+    context = multiprocessing.get_context("fork")
+    pipes, procs = [], []
+    for i in range(processes):
+        parent, child = context.Pipe()
+        proc = context.Process(target=_soak_worker, args=(service.port, actors // processes, seconds, i + 1, child), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    samples = []
+    started = time.monotonic()
+    while any(p.is_alive() for p in procs) and time.monotonic() - started < seconds + 60:
+        time.sleep(2)
+        status = service.status()
+        samples.append({"t": round(time.monotonic() - started, 1), "rss_mib": service.rss() / 2**20, "fds": service.fds(),
+                        "tasks": metric(service, "gateway_queue_asyncio_tasks"), "waiting": status["waiting"],
+                        "connections": status["open_connections"]})
+    counts: Dict[str, int] = {}
+    for pipe in pipes:
+        for key, value in pipe.recv().items():
+            counts[key] = counts.get(key, 0) + value
+    for proc in procs:
+        proc.join(10)
+    time.sleep(2)
+    after = {"rss_mib": service.rss() / 2**20, "fds": service.fds(), "tasks": metric(service, "gateway_queue_asyncio_tasks"),
+             "connections": service.status()["open_connections"]}
+    requests = service.status()["requests"]
+    code = service.stop()
+    grants, violations, smallest = grant_log_violations(service.log, SOAK_INTERVAL)
+    third = max(1, len(samples) // 3)
+    middle = samples[third:2 * third] or samples
+    last = samples[-third:]
+    return {
+        "seconds": seconds, "actors": actors, "actions": counts, "requests": requests, "baseline": baseline,
+        "after": after, "peak": {k: max(s[k] for s in samples) for k in ("rss_mib", "fds", "tasks", "waiting", "connections")},
+        "rss_mid_mib": statistics.mean(s["rss_mib"] for s in middle), "rss_last_mib": statistics.mean(s["rss_mib"] for s in last),
+        "grants_logged": grants, "interval_violations": violations, "smallest_gap_s": smallest,
+        "tracebacks": sum("Traceback" in line for line in service.log), "exit_code": code, "samples": samples,
+    }
+
+
+def soak_report(result: Dict[str, Any]) -> str:
+    lines = [f"soak: {result['seconds']:.0f} s, {result['actors']} concurrent clients",
+             f"  actions: {json.dumps(result['actions'], sort_keys=True)}",
+             f"  service counted: {result['requests']}",
+             f"  baseline: {result['baseline']}",
+             f"  peak:     {result['peak']}",
+             f"  RSS mean, middle third vs last third: {result['rss_mid_mib']:.1f} / {result['rss_last_mib']:.1f} MiB",
+             f"  after the clients left: {result['after']}",
+             f"  grant log: {result['grants_logged']} grants, {result['interval_violations']} gaps under "
+             f"{SOAK_INTERVAL} s (smallest {result['smallest_gap_s']:.4f} s)",
+             f"  tracebacks in the service log: {result['tracebacks']}; exit code {result['exit_code']}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fault injection: a Discord that flaps while the budget is spent and reset
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FlakyDiscord:
+    """A Discord stand-in with a real session-start budget in short windows. /gateway/bot flaps between answers;
+    /identify is where the test's shards 'identify', so this side sees what Discord would: overdrafts and IDENTIFYs
+    closer than 5 s in a bucket."""
+
+    MODES = ["ok", "429", "500", "ok", "hang", "garbage", "503", "ok", "reset", "ok"]
+
+    def __init__(self, total: int, window: float, seed: int):
+        import http.server
+        import random
+
+        self.rng = random.Random(seed)
+        self.total, self.window = total, window
+        self.max_concurrency = 2
+        self.window_end = time.monotonic() + window
+        self.spent = 0
+        self.identifies: List[Tuple[float, int, int]] = []  # (time, shard, max_concurrency then)
+        self.overdrafts = 0
+        self.calls: Dict[str, int] = {}
+        self.healthy = False
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/v10"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def roll(self) -> None:
+        now = time.monotonic()
+        while now >= self.window_end:
+            self.window_end += self.window
+            self.spent = 0
+            self.max_concurrency = 3 - self.max_concurrency  # 2 -> 1 -> 2: re-bucketing under load
+
+    def handle(self, request: Any) -> None:
+        with self.lock:
+            self.roll()
+            if request.path.startswith("/api/v10/identify"):
+                shard = int(request.path.rsplit("=", 1)[1])
+                self.identifies.append((time.monotonic(), shard, self.max_concurrency))
+                self.spent += 1
+                self.overdrafts += self.spent > self.total
+                status, body, delay, headers = 200, b"{}", 0.0, {}
+            else:
+                mode = "ok" if self.healthy else self.rng.choice(self.MODES)
+                self.calls[mode] = self.calls.get(mode, 0) + 1
+                limit = {"total": self.total, "remaining": max(0, self.total - self.spent),
+                         "reset_after": int((self.window_end - time.monotonic()) * 1000), "max_concurrency": self.max_concurrency}
+                body = json.dumps({"url": "wss://gateway.discord.gg", "shards": 8, "session_start_limit": limit}).encode()
+                status, delay, headers = 200, 0.0, {}
+                if mode == "429":
+                    status, body, headers = 429, b'{"message": "You are being rate limited.", "retry_after": 1.5, "global": false}', {"Retry-After": "1"}
+                elif mode in ("500", "503"):
+                    status, body = int(mode), b"upstream trouble"
+                elif mode == "hang":
+                    delay = 12.0  # past the service's 10 s timeout
+                elif mode == "garbage":
+                    body = b'{"session_start_limit": {"total": "lots"}}'
+        time.sleep(delay)
+        try:
+            request.send_response(status)
+            for name, value in headers.items():
+                request.send_header(name, value)
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body)
+        except OSError:
+            pass
+
+    def early_identifies(self) -> Tuple[int, float]:
+        """IDENTIFYs closer than 5 s to the previous one in the same bucket (Discord's bucket at that moment)."""
+        early, smallest = 0, math.inf
+        for i, (at, shard, concurrency) in enumerate(self.identifies):
+            for before, other, _ in reversed(self.identifies[:i]):
+                if at - before >= 5.0:
+                    break
+                if other % concurrency == shard % concurrency:
+                    early += 1
+                    smallest = min(smallest, at - before)
+                    break
+        return early, smallest
+
+
+async def _fault_shard(port: int, fake: FlakyDiscord, deadline: float, rng: "random.Random", counts: Dict[str, int]) -> None:
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < deadline:
+        shard = rng.randrange(8)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /?shard=%d HTTP/1.1\r\nHost: shard\r\n\r\n" % shard)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), max(0.1, deadline - time.monotonic()))
+            writer.close()
+        except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
+            counts["gave_up"] = counts.get("gave_up", 0) + 1
+            continue
+        status = head[9:12].decode()
+        counts[status] = counts.get(status, 0) + 1
+        if status == "200":  # identify right away, as a shard would
+            url = f"{fake.url}/identify?shard={shard}"
+            await loop.run_in_executor(None, lambda: urllib.request.urlopen(url, timeout=5).read())
+
+
+def faults(seconds: float, shards: int = 12, total: int = 6, window: float = 15.0) -> Dict[str, Any]:
+    """Runs the fault injection: the first 75% of the time Discord flaps, then it answers properly."""
+    import random
+
+    fake = FlakyDiscord(total, window, seed=7)
+    service = Service(DISCORD_TOKEN="fault.injection.token", DISCORD_API_URL=fake.url, LOG_LEVEL="DEBUG")
+    counts: Dict[str, int] = {}
+
+    async def run() -> None:
+        deadline = time.monotonic() + seconds
+        healthy_at = time.monotonic() + seconds * 0.75
+        actors = [asyncio.ensure_future(_fault_shard(service.port, fake, deadline, random.Random(i), counts)) for i in range(shards)]
+        health_worst = 0.0
+        while time.monotonic() < deadline:
+            if time.monotonic() >= healthy_at:
+                fake.healthy = True
+            took = await asyncio.get_running_loop().run_in_executor(None, lambda: service.get("/healthz")[2])
+            health_worst = max(health_worst, took)
+            await asyncio.sleep(0.5)
+        counts["healthz_worst_ms"] = int(health_worst * 1000)
+        await asyncio.gather(*actors)
+
+    asyncio.run(run())
+    time.sleep(1)
+    status = service.status()
+    code = service.stop()
+    fake.httpd.shutdown()
+    early, smallest = fake.early_identifies()
+    grants, violations, _ = grant_log_violations(service.log, 5.1)
+    return {
+        "seconds": seconds, "budget": f"{total} per {window:.0f} s window", "discord_answers": fake.calls,
+        "client_outcomes": counts, "identifies": len(fake.identifies), "overdrafts": fake.overdrafts,
+        "early_identifies": early, "smallest_identify_gap_s": smallest, "grant_log": (grants, violations),
+        "final_limits": {"source": status["limits"]["source"], "max_concurrency": status["limits"]["max_concurrency"],
+                         "total": (status["session_starts"] or {}).get("total")},
+        "discord_now": {"max_concurrency": fake.max_concurrency, "total": fake.total},
+        "tracebacks": sum("Traceback" in line for line in service.log), "exit_code": code,
+        "log_warnings": sum(" WARNING " in line for line in service.log),
+    }
+
+
+def faults_report(result: Dict[str, Any]) -> str:
+    return "\n".join([
+        f"fault injection: {result['seconds']:.0f} s, budget {result['budget']}",
+        f"  /gateway/bot answers served: {json.dumps(result['discord_answers'], sort_keys=True)}",
+        f"  shard outcomes: {json.dumps(result['client_outcomes'], sort_keys=True)}",
+        f"  identifies: {result['identifies']}, overdrafts: {result['overdrafts']}, identifies under 5 s in a bucket: "
+        f"{result['early_identifies']} (smallest gap {result['smallest_identify_gap_s']:.3f} s)",
+        f"  grant log: {result['grant_log'][0]} grants, {result['grant_log'][1]} under the interval",
+        f"  limits at the end: {result['final_limits']} (Discord says {result['discord_now']})",
+        f"  warnings logged: {result['log_warnings']}, tracebacks: {result['tracebacks']}, exit code {result['exit_code']}",
+    ])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Coroutine, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Coroutine, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 try:
     import resource
@@ -547,16 +547,22 @@ class Budget:
     reset_at: float
 
 
+class Client(Protocol):
+    """Whoever parked a request: release() writes the grant, False if the client is already gone."""
+
+    def release(self) -> bool: ...
+
+
 class Waiter:
-    """One parked request. `release` writes the grant and returns False if the client is already gone."""
+    """One parked request: its shard, its place in arrival order, and the client to release."""
 
-    __slots__ = ("shard", "seq", "arrived", "release", "bucket")
+    __slots__ = ("shard", "seq", "arrived", "client", "bucket")
 
-    def __init__(self, shard: int, seq: int, arrived: float, release: Callable[[], bool], bucket: "Bucket"):
+    def __init__(self, shard: int, seq: int, arrived: float, client: Client, bucket: "Bucket"):
         self.shard = shard
         self.seq = seq
         self.arrived = arrived
-        self.release = release
+        self.client = client  # the client itself, not a bound method: one object less per parked request
         self.bucket = bucket
 
 
@@ -619,10 +625,10 @@ class IdentifyQueue:
 
     # -- waiters -------------------------------------------------------------------------------------------------
 
-    def put(self, shard: int, release: Callable[[], bool]) -> Waiter:
-        """Parks a request for `shard`; `release()` is called when it may identify."""
+    def put(self, shard: int, client: Client) -> Waiter:
+        """Parks a request for `shard`; `client.release()` is called when it may identify."""
         bucket = self.buckets[shard % self.max_concurrency]
-        waiter = Waiter(shard, next(self._seq), self.clock(), release, bucket)
+        waiter = Waiter(shard, next(self._seq), self.clock(), client, bucket)
         bucket.waiters[waiter] = None
         if bucket.wakeup is not None and not bucket.wakeup.done():
             bucket.wakeup.set_result(None)
@@ -735,7 +741,7 @@ class IdentifyQueue:
 
     def _grant(self, bucket: Bucket, waiter: Waiter) -> None:
         try:
-            delivered = waiter.release()
+            delivered = waiter.client.release()
         except Exception:  # a bug in one connection must not stall the bucket
             log.exception("could not deliver a grant to shard %d", waiter.shard)
             delivered = False
@@ -757,7 +763,7 @@ class IdentifyQueue:
             self.recent.popleft()
         self.stats.requests["granted"] += 1
         self.stats.observe_wait(now - waiter.arrived)
-        log.debug("granted shard %d (bucket %d) after %.3f s", waiter.shard, bucket.index, now - waiter.arrived)
+        log.debug("granted shard %d (bucket %d) at %.6f after %.3f s", waiter.shard, bucket.index, now, now - waiter.arrived)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1124,7 +1130,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
-        self.buf = bytearray()
+        self.buf = b""  # bytes, not bytearray: the empty value is shared, so an idle or parked connection holds none
         self.closed = False
         self.timer: Optional[asyncio.TimerHandle] = None
         self.timer_kind: Optional[str] = None
@@ -1166,7 +1172,7 @@ class Connection:
         while not self.closed and self.waiter is None:
             if self.body_left:
                 taken = min(self.body_left, len(self.buf))
-                del self.buf[:taken]
+                self.buf = self.buf[taken:]
                 self.body_left -= taken
                 if self.body_left:
                     self._arm("head")
@@ -1187,7 +1193,7 @@ class Connection:
                 self._arm("head")
                 return
             request, used = parsed
-            del self.buf[:used]
+            self.buf = self.buf[used:]
             if request.content_length:
                 self.request, self.body_left = request, request.content_length
                 continue
@@ -1198,7 +1204,7 @@ class Connection:
         try:
             response = self.server.respond(request)
             if response is None:  # a queue request: park it
-                self.waiter = self.server.park(request, self._release)
+                self.waiter = self.server.park(request, self)
                 self.grant = grant_for(request)
                 return
         except HTTPError as exc:
@@ -1208,7 +1214,7 @@ class Connection:
         if not request.keep_alive:
             self.close()
 
-    def _release(self) -> bool:
+    def release(self) -> bool:
         """Called by the bucket's worker: writes the grant; False if the client is already gone."""
         if self.closed or self.transport.is_closing():
             return False
@@ -1495,6 +1501,8 @@ class Server:
                        [(f'_bucket{{le="{le}"}}', count) for le, count in zip(bounds, cumulative)]
                        + [("_sum", stats.wait_sum), ("_count", cumulative[-1])])
         metrics.family("gateway_queue_open_connections", "gauge", "Open client connections.", [("", len(self.connections))])
+        metrics.family("gateway_queue_asyncio_tasks", "gauge", "asyncio tasks alive: one per connection, one per bucket.",
+                       [("", len(asyncio.all_tasks()))])
         metrics.family("gateway_queue_max_concurrency", "gauge", "Buckets in force (Discord's max_concurrency).",
                        [("", queue.max_concurrency)])
         metrics.family("gateway_queue_identify_interval_seconds", "gauge", "Minimum time between two grants in a bucket.",
@@ -1537,7 +1545,7 @@ class Server:
             "discord_error": self.discord.last_error if self.discord else None,
         }
 
-    def park(self, request: Request, release: Callable[[], bool]) -> Waiter:
+    def park(self, request: Request, client: Client) -> Waiter:
         """Queues a request; HTTPError(400) for a bad shard parameter."""
         shard = parse_shard(request.query)
         if shard is None:
@@ -1545,7 +1553,7 @@ class Server:
             if self.queue.max_concurrency > 1 and not self._warned_no_shard:
                 self._warned_no_shard = True
                 log.warning("a request without ?shard= was queued as shard 0 (logged once); pass ?shard=<id>")
-        return self.queue.put(shard, release)
+        return self.queue.put(shard, client)
 
 
 # ----------------------------------------------------------------------------------------------------------------

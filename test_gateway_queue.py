@@ -396,13 +396,16 @@ class QueueTests(unittest.IsolatedAsyncioTestCase):
         return queue
 
     def put(self, queue: gq.IdentifyQueue, shard: int, *, present: bool = True, write_time: float = 0.0) -> gq.Waiter:
-        def release() -> bool:
-            if present:
-                self.clock.now += write_time  # the write itself takes time
-                self.grants.append((self.clock.now, shard))
-            return present
+        test = self
 
-        return queue.put(shard, release)
+        class Client:
+            def release(self) -> bool:
+                if present:
+                    test.clock.now += write_time  # the write itself takes time
+                    test.grants.append((test.clock.now, shard))
+                return present
+
+        return queue.put(shard, Client())
 
     def times(self) -> List[float]:
         return [round(t - 100.0, 6) for t, _ in self.grants]
@@ -1038,6 +1041,11 @@ class LifecycleTests(ServerTestCase):
         self.assertIn("PORT", logs.output[0])
 
 
+class AlwaysThere:
+    def release(self) -> bool:
+        return True
+
+
 class DrainEstimateTests(unittest.TestCase):
     """The /status estimate on a fake clock: no worker runs, the queue is only looked at."""
 
@@ -1046,7 +1054,7 @@ class DrainEstimateTests(unittest.TestCase):
         queue.budget = budget
         for bucket, count in enumerate(waiting):
             for _ in range(count):
-                queue.put(bucket, lambda: True)
+                queue.put(bucket, AlwaysThere())
         return queue
 
     def test_empty(self) -> None:
@@ -1258,6 +1266,191 @@ class AuthTests(ServerTestCase):
             self.assertEqual((await self.ask(server, get("/healthz"))).status, 200)  # exempt, for probes
             logging.getLogger("gateway_queue").debug("end of test")
         self.assertNotIn(self.SECRET, "\n".join(logs.output))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fuzzing: mutated requests against the parser and a live server
+# ----------------------------------------------------------------------------------------------------------------
+
+FUZZ_SECONDS = float(os.environ.get("GATEWAY_QUEUE_FUZZ_SECONDS", "10"))  # the long run: GATEWAY_QUEUE_FUZZ_SECONDS=600
+FUZZ_SEED = int(os.environ.get("GATEWAY_QUEUE_FUZZ_SEED", "20261126"))
+FUZZ_CORPUS = [raw for _, raw, _ in PARSER_CASES] + [
+    get("/?shard=1") + get("/healthz") + get("/?shard=2", method="HEAD"),
+    b"POST /?shard=3 HTTP/1.1\r\nHost: q\r\nContent-Length: 4\r\n\r\nbody" + get("/status", "Accept: text/html"),
+    b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    get("/?shard=7&x=%ff&shard", "Authorization: Bearer x", "Connection: close"),
+]
+FUZZ_TOKENS = [b"\r\n", b"\n", b"\r", b"\r\n\r\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b"?shard=", b"%",
+               b"Content-Length: 3\r\n", b"Content-Length: 99999999999999999999\r\n", b"Transfer-Encoding: chunked\r\n",
+               b"Host: q\r\n", b"Connection: close\r\n", b"HTTP/1.0", b"HTTP/9.9", b"HEAD", b"/healthz", b"a" * 9000]
+
+
+def mutate(rng: "random.Random", data: bytes) -> bytes:
+    """One to four random edits: flip, insert, delete, duplicate, splice another corpus entry, insert a token."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        where = rng.randint(0, len(data))
+        choice = rng.randrange(6)
+        if choice == 0 and data:
+            data[min(where, len(data) - 1)] = rng.randrange(256)
+        elif choice == 1:
+            data[where:where] = bytes([rng.randrange(256)])
+        elif choice == 2:
+            del data[where:where + rng.randint(1, 16)]
+        elif choice == 3:
+            data[where:where] = data[where:where + rng.randint(1, 32)]
+        elif choice == 4:
+            other = rng.choice(FUZZ_CORPUS)
+            cut = rng.randint(0, len(other))
+            data[where:] = other[cut:]
+        else:
+            data[where:where] = rng.choice(FUZZ_TOKENS)
+    return bytes(data)
+
+
+def split_responses(stream: bytes) -> List[Tuple[int, dict]]:
+    """Cuts a byte stream into HTTP responses, asserting each is well-formed. A body is absent when the next bytes
+    start another response (the answer to HEAD), else exactly Content-Length bytes."""
+    import re as _re
+
+    responses = []
+    while stream:
+        head, sep, rest = stream.partition(b"\r\n\r\n")
+        assert sep, f"truncated response head {stream[:80]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        match = _re.fullmatch(r"HTTP/1\.1 (\d{3}) [A-Za-z ]+", lines[0])
+        assert match, f"bad status line {lines[0]!r}"
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(": ")
+            assert colon and name, f"bad header line {line!r}"
+            headers[name.lower()] = value
+        length = int(headers["content-length"])
+        if rest.startswith(b"HTTP/1.1 ") or not rest:
+            stream = rest
+        else:
+            assert len(rest) >= length, f"short body: {len(rest)} of {length}"
+            if headers["content-type"] == "application/json":
+                json.loads(rest[:length])
+            stream = rest[length:]
+        responses.append((int(match.group(1)), headers))
+    return responses
+
+
+class ErrorLogCatcher(logging.Handler):
+    """Collects every ERROR record from the service and from asyncio (unhandled exceptions land there)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class FuzzTests(unittest.IsolatedAsyncioTestCase):
+    """A seeded mutation fuzzer. The suite runs it for about FUZZ_SECONDS (10 s); set GATEWAY_QUEUE_FUZZ_SECONDS for
+    a long run and GATEWAY_QUEUE_FUZZ_SEED for another sequence. It reports how many inputs it ran on stderr."""
+
+    def test_parser_never_fails_otherwise(self) -> None:
+        import random
+
+        rng = random.Random(FUZZ_SEED)
+        deadline = time.monotonic() + FUZZ_SECONDS * 0.3
+        runs = outcomes = 0
+        seen: dict = {}
+        while time.monotonic() < deadline:
+            data = mutate(rng, rng.choice(FUZZ_CORPUS))
+            runs += 1
+            try:
+                result = gq.parse_request_head(data)
+            except gq.HTTPError as exc:
+                self.assertIn(exc.status, gq.REASONS, data)
+                self.assertTrue(exc.message)
+                result = exc.status
+            if isinstance(result, tuple):
+                request, used = result
+                self.assertTrue(0 < used <= len(data), data)
+                self.assertLessEqual(request.content_length, gq.MAX_BODY_BYTES)
+            key = result if not isinstance(result, tuple) else "request"
+            seen[key] = seen.get(key, 0) + 1
+            if runs % 8 == 0:  # a prefix is refused only if the whole is: a byte-at-a-time sender is never refused
+                cut = rng.randint(0, len(data))  # early (which error wins may differ: they sit at different bytes)
+                try:
+                    prefix = gq.parse_request_head(data[:cut])
+                except gq.HTTPError:
+                    self.assertIsInstance(result, int, data[:cut])
+                else:
+                    if prefix is not None:
+                        self.assertIsInstance(result, tuple)
+                        self.assertEqual(prefix[1], result[1])
+                outcomes += 1
+        print(f"\nparser fuzz: {runs} inputs, {outcomes} prefix checks, outcomes {sorted(seen.items(), key=str)}",
+              file=sys.stderr)
+        self.assertGreater(runs, 1000)
+
+    async def test_server_answers_or_closes_cleanly(self) -> None:
+        import random
+
+        rng = random.Random(FUZZ_SEED + 1)
+        catcher = ErrorLogCatcher()
+        for name in ("gateway_queue", "asyncio"):
+            logging.getLogger(name).addHandler(catcher)
+            self.addCleanup(logging.getLogger(name).removeHandler, catcher)
+        config = gq.Config(host="127.0.0.1", port=0, interval=0.001, max_concurrency=64)
+        server = gq.Server(config, head_timeout=0.3, keepalive_timeout=0.3)
+        await server.start()
+        self.addAsyncCleanup(server.stop)
+        loop = asyncio.get_running_loop()
+        loop_errors: List[dict] = []
+        loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+        statuses: dict = {}
+
+        async def exchange(data: bytes) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 4)))) if len(data) > 1 else []
+            for start, end in zip([0] + cuts, cuts + [len(data)]):
+                writer.write(data[start:end])
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.002)
+            received = b""
+            try:
+                while True:  # until the server closes, or stays quiet (keep-alive idle) for a while
+                    chunk = await asyncio.wait_for(reader.read(65536), 1.5)
+                    if not chunk:
+                        break
+                    received += chunk
+            except asyncio.TimeoutError:
+                pass
+            except ConnectionError:
+                pass
+            writer.close()
+            for status, _ in split_responses(received):
+                statuses[status] = statuses.get(status, 0) + 1
+
+        deadline = time.monotonic() + FUZZ_SECONDS * 0.7
+        runs = 0
+        while time.monotonic() < deadline:
+            batch = [mutate(rng, rng.choice(FUZZ_CORPUS)) for _ in range(40)]
+            await asyncio.wait_for(asyncio.gather(*(exchange(data) for data in batch)), 10)
+            runs += len(batch)
+        print(f"\nconnection fuzz: {runs} inputs over real sockets, statuses {sorted(statuses.items())}", file=sys.stderr)
+        self.assertEqual([r.getMessage() for r in catcher.records], [])
+        self.assertEqual(loop_errors, [])
+        self.assertEqual((await asyncio.wait_for(read_response(*(await self._ask_health(server))), 5)).status, 200)
+        for _ in range(100):
+            if len(server.connections) <= 1:
+                break
+            await asyncio.sleep(0.02)
+        self.assertLessEqual(len(server.connections), 1)  # nothing left behind but the health check's
+        self.assertEqual(server.queue.waiting, 0)
+        self.assertGreater(runs, 100)
+
+    async def _ask_health(self, server: gq.Server) -> Tuple[asyncio.StreamReader]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        self.addCleanup(writer.close)
+        writer.write(get("/healthz"))
+        return (reader,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
