@@ -763,7 +763,8 @@ class IdentifyQueue:
             self.recent.popleft()
         self.stats.requests["granted"] += 1
         self.stats.observe_wait(now - waiter.arrived)
-        log.debug("granted shard %d (bucket %d) at %.6f after %.3f s", waiter.shard, bucket.index, now, now - waiter.arrived)
+        log.debug("granted shard %d (bucket %d of %d) at %.6f after %.3f s",
+                  waiter.shard, bucket.index, self.max_concurrency, now, now - waiter.arrived)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1601,6 +1602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.healthcheck:
         return healthcheck(config)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(max(logging.INFO, logging.getLevelName(config.log_level)))  # DEBUG: ours only
     return asyncio.run(Server(config).run())
 
 
