@@ -241,6 +241,7 @@ PARSER_CASES: List[Tuple[str, bytes, Optional[int]]] = [
     ("bad version", b"GET / HTTX/1.1\r\n" + H + b"\r\n", 400),
     ("lower-case version", b"GET / http/1.1\r\n" + H + b"\r\n", 400),
     ("relative target", b"GET foo HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("absolute target with a broken IPv6 host", b"GET http://[/?shard=1 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 505),
     ("HTTP/0.9", b"GET / HTTP/0.9\r\n" + H + b"\r\n", 505),
@@ -927,6 +928,37 @@ class ConnectionTests(ServerTestCase):
         response = await asyncio.wait_for(read_response(reader), 5)
         self.assertEqual(response.status, 408)
         self.assertLess(time.monotonic() - started, 0.8)
+
+    async def test_trickled_head_is_parsed_once_per_line(self) -> None:
+        server = await self.start(head_timeout=5.0)
+        calls = []
+        real = gq.parse_request_head
+
+        def counting(data: bytes) -> Any:
+            calls.append(len(data))
+            return real(data)
+
+        with unittest.mock.patch.object(gq, "parse_request_head", counting):
+            reader, writer = await self.connect(server)
+            head = get("/?shard=0", "X-Long: " + "a" * 3000)
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0)  # let the server read each byte on its own
+            response = await asyncio.wait_for(read_response(reader), 5)
+            self.assertEqual(response.status, 200)
+        self.assertLessEqual(len(calls), 2 * head.count(b"\n") + 2)  # not once per byte
+
+    async def test_trickled_overlong_lines_still_hit_their_limits(self) -> None:
+        server = await self.start(head_timeout=5.0)
+        for raw, status in [(b"GET /" + b"a" * (gq.MAX_REQUEST_LINE + 10), 414),
+                            (b"GET / HTTP/1.1\r\nX-A: " + b"a" * (gq.MAX_HEAD_BYTES + 10), 431)]:
+            reader, writer = await self.connect(server)
+            for start in range(0, len(raw), 512):
+                writer.write(raw[start:start + 512])
+                await asyncio.sleep(0.001)
+            response = await asyncio.wait_for(read_response(reader), 5)
+            self.assertEqual(response.status, status)
 
     async def test_idle_keep_alive_is_closed(self) -> None:
         server = await self.start(keepalive_timeout=0.2)
