@@ -1125,15 +1125,14 @@ class Connection:
     parked request costs no timer.
     """
 
-    __slots__ = ("server", "reader", "writer", "transport", "buf", "scanned", "request", "body_left", "waiter",
-                 "grant", "timer", "timer_kind", "closed", "resume")
+    __slots__ = ("server", "reader", "writer", "buf", "scanned", "request", "body_left", "waiter", "grant", "timer",
+                 "timer_kind", "closed", "resume")
 
     def __init__(self, server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         # per connection
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.transport = writer.transport
         self.buf = b""  # bytes, not bytearray: the empty value is shared, so an idle or parked connection holds none
         self.scanned = 0  # how much of an incomplete head was already parsed (see _head_may_have_changed)
         self.closed = False
@@ -1160,7 +1159,7 @@ class Connection:
                     break
                 self.buf += data
                 self._process()
-                if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                     await self.writer.drain()
         except (ConnectionError, OSError):
             pass  # the peer reset the connection: not an error
@@ -1233,7 +1232,7 @@ class Connection:
 
     def release(self) -> bool:
         """Called by the bucket's worker: writes the grant; False if the client is already gone."""
-        if self.closed or self.transport.is_closing():
+        if self.closed or self.writer.transport.is_closing():
             return False
         grant = self.grant
         assert grant is not None
@@ -1281,7 +1280,7 @@ class Connection:
         self.waiter = None
         if self.resume is not None and not self.resume.done():
             self.resume.set_result(None)
-        self.transport.close()
+        self.writer.transport.close()
         self.server.connections.discard(self)
 
     # -- timers --------------------------------------------------------------------------------------------------
@@ -1425,7 +1424,7 @@ class Server:
         if waiting:
             log.info("stopped: answered %d parked request(s) 503 so they retry", waiting)
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        while time.monotonic() < deadline and any(c.transport.get_write_buffer_size() for c in self.connections):
+        while time.monotonic() < deadline and any(c.writer.transport.get_write_buffer_size() for c in self.connections):
             await asyncio.sleep(0.01)
         if self._server is not None:  # on 3.12+ this also waits for the connections' transports to close
             try:
