@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -393,7 +394,7 @@ def machine() -> Dict[str, Any]:
 SOAK_INTERVAL = 5.0  # the environment's floor: the tightest spacing the grant log must still respect
 
 
-async def _soak_actor(port: int, deadline: float, rng: "random.Random", counts: Dict[str, int]) -> None:
+async def _soak_actor(port: int, deadline: float, rng: random.Random, counts: Dict[str, int]) -> None:
     """One client doing random things in a loop: park, cancel, pipeline, idle on keep-alive, trickle, slowloris,
     garbage. Every answer it gets must be a well-formed response."""
     request = lambda shard: b"GET /?shard=%d HTTP/1.1\r\nHost: soak\r\n\r\n" % shard  # noqa: E731
@@ -453,8 +454,6 @@ async def _expect(reader: asyncio.StreamReader, counts: Dict[str, int], response
 
 
 def _soak_worker(port: int, actors: int, seconds: float, seed: int, pipe: Any) -> None:
-    import random
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counts: Dict[str, int] = {}
@@ -568,7 +567,6 @@ class FlakyDiscord:
 
     def __init__(self, total: int, window: float, seed: int):
         import http.server
-        import random
 
         self.rng = random.Random(seed)
         self.total, self.window = total, window
@@ -653,7 +651,7 @@ class FlakyDiscord:
         return early, smallest
 
 
-async def _fault_shard(port: int, fake: FlakyDiscord, deadline: float, rng: "random.Random", counts: Dict[str, int]) -> None:
+async def _fault_shard(port: int, fake: FlakyDiscord, deadline: float, rng: random.Random, counts: Dict[str, int]) -> None:
     loop = asyncio.get_running_loop()
     while time.monotonic() < deadline:
         shard = rng.randrange(8)
@@ -674,7 +672,6 @@ async def _fault_shard(port: int, fake: FlakyDiscord, deadline: float, rng: "ran
 
 def faults(seconds: float, shards: int = 12, total: int = 6, window: float = 15.0) -> Dict[str, Any]:
     """Runs the fault injection: the first 75% of the time Discord flaps, then it answers properly."""
-    import random
 
     fake = FlakyDiscord(total, window, seed=7)
     service = Service(DISCORD_TOKEN="fault.injection.token", DISCORD_API_URL=fake.url, LOG_LEVEL="DEBUG")

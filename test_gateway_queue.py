@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import threading
 import time
 import unittest
 import unittest.mock
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import gateway_queue as gq
 
@@ -1317,7 +1318,7 @@ FUZZ_TOKENS = [b"\r\n", b"\n", b"\r", b"\r\n\r\n", b" ", b"\t", b":", b"\x00", b
                b"Host: q\r\n", b"Connection: close\r\n", b"HTTP/1.0", b"HTTP/9.9", b"HEAD", b"/healthz", b"a" * 9000]
 
 
-def mutate(rng: "random.Random", data: bytes) -> bytes:
+def mutate(rng: random.Random, data: bytes) -> bytes:
     """One to four random edits: flip, insert, delete, duplicate, splice another corpus entry, insert a token."""
     data = bytearray(data)
     for _ in range(rng.randint(1, 4)):
@@ -1385,8 +1386,6 @@ class FuzzTests(unittest.IsolatedAsyncioTestCase):
     a long run and GATEWAY_QUEUE_FUZZ_SEED for another sequence. It reports how many inputs it ran on stderr."""
 
     def test_parser_never_fails_otherwise(self) -> None:
-        import random
-
         rng = random.Random(FUZZ_SEED)
         deadline = time.monotonic() + FUZZ_SECONDS * 0.3
         runs = outcomes = 0
@@ -1422,8 +1421,6 @@ class FuzzTests(unittest.IsolatedAsyncioTestCase):
         self.assertGreater(runs, 1000)
 
     async def test_server_answers_or_closes_cleanly(self) -> None:
-        import random
-
         rng = random.Random(FUZZ_SEED + 1)
         catcher = ErrorLogCatcher()
         for name in ("gateway_queue", "asyncio"):
