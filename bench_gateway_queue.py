@@ -261,10 +261,6 @@ def lateness(answers: Sequence[Tuple[int, float, int]], max_concurrency: int, in
     }
 
 
-def shards_for(count: int) -> List[int]:
-    return list(range(count))
-
-
 def measure_size(count: int, rounds: int = ROUNDS, storm: bool = False) -> Dict[str, Any]:
     """Loads `count` parked requests into a fresh service and measures it; with storm, also the cancel storm and a
     second load-and-storm cycle."""
@@ -276,7 +272,7 @@ def measure_size(count: int, rounds: int = ROUNDS, storm: bool = False) -> Dict[
         service.get("/healthz")
         baseline = service.rss()
         loaded_at = time.monotonic()
-        loads = pool.load(shards_for(count))
+        loads = pool.load(range(count))
         burst = wait_until_parked(service, count, loaded_at)
         clients_idle = time.monotonic()
         result["accept_burst_s"] = burst
@@ -331,7 +327,7 @@ def cancel_storm(service: Service, pool: ClientPool, answers: List[Tuple[int, fl
     out["healthz_worst_during_storm_s"] = max(probe)
     # the next grant for bucket 0: due one interval after its last grant, or at once if that has passed
     due = max(time.monotonic(), last_grant + INTERVAL)
-    status, _, took = service.get("/?shard=0")
+    status = service.get("/?shard=0")[0]
     out["next_grant_late_ms"] = 1000 * (time.monotonic() - due) if status == 200 else None
     time.sleep(1)
     out["rss_after_storm1_mib"] = service.rss() / 2**20
@@ -339,7 +335,7 @@ def cancel_storm(service: Service, pool: ClientPool, answers: List[Tuple[int, fl
     # second cycle
     granted = service.status()["requests"]["granted"]
     started = time.monotonic()
-    loads = pool.load(shards_for(count))
+    loads = pool.load(range(count))
     connected = sum(part["connected"] for part in loads)
     out["cycle2_connect_errors"] = [error for part in loads for error in part["errors"]][:5]
     out["cycle2_accept_burst_s"] = wait_until_parked(service, connected + granted, started)

@@ -996,6 +996,7 @@ def process_metrics(metrics: Metrics, started: float) -> None:
     times = os.times()
     metrics.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
                    [("", times.user + times.system)])
+    start_time, memory, open_fds = started, [], None  # without /proc: the time the server object was made
     try:
         with open("/proc/self/stat", "rb") as stat_file:
             fields = stat_file.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces and parens
@@ -1007,11 +1008,11 @@ def process_metrics(metrics: Metrics, started: float) -> None:
                   ("process_resident_memory_bytes", "Resident memory size in bytes.", int(fields[21]) * page)]
         open_fds = len(os.listdir("/proc/self/fd"))
     except (OSError, IndexError, ValueError, StopIteration):
-        metrics.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
-                       [("", started)])
-        return
+        pass
     metrics.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
                    [("", start_time)])
+    if open_fds is None:
+        return
     for name, help_text, value in memory:
         metrics.family(name, "gauge", help_text, [("", value)])
     metrics.family("process_open_fds", "gauge", "Number of open file descriptors.", [("", open_fds)])
