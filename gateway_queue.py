@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -2712,6 +2713,7 @@ return {mc, total or -1, remaining or -1, reset_at and math.max(0, reset_at - no
 
 MAX_CLAIM_RTT = 0.025  # a claim answered later than this is given back, not acted on: far below the 0.1 s margin
 FAIR_GRACE = 0.2  # a replica whose line waited longest has this long to take a freed slot before others may
+VIEW_REFRESH = 2.0  # Redis: how often a replica re-reads the group's limits for /status (grants elsewhere move them)
 CONFIRM_POLL = 5.0  # Redis: how often a bucket waiting for Discord's fresh budget asks again (a publish is sooner)
 REFRESH_LOCK = DISCORD_DEADLINE + 10.0  # the fetching replica's lock: it expires if that replica dies mid-fetch
 
@@ -2773,7 +2775,8 @@ class RedisCoordinator(Coordinator):
     async def start(self, hold: float) -> None:
         if self._call_later is None:
             self._call_later = asyncio.get_running_loop().call_later
-        self._tasks = [asyncio.ensure_future(self._keep_connected()), asyncio.ensure_future(self._keep_subscribed())]
+        self._tasks = [asyncio.ensure_future(self._keep_connected()), asyncio.ensure_future(self._keep_subscribed()),
+                       asyncio.ensure_future(self._keep_viewing())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -2792,8 +2795,7 @@ class RedisCoordinator(Coordinator):
     async def _keep_connected(self) -> None:
         """Holds the command connection open, reconnecting with capped, jittered backoff."""
         while True:
-            conn = await open_redis_with_backoff(
-                lambda: RedisConnection.open(self.address, ssl_context=self._ssl_context), what=f"Redis at {self.address}")
+            conn = await open_redis_with_backoff(self._open, what=f"Redis at {self.address}")
             self._conn = conn
             await self._apply_static()
             self.on_change(None)  # every waiting bucket asks again now
@@ -2802,6 +2804,21 @@ class RedisCoordinator(Coordinator):
             self._down = f"Redis unreachable: {error}"
             self.stats.backend_errors += 1
             log.warning("lost the connection to Redis (%s): no grants until it is back", error)
+
+    async def _keep_viewing(self) -> None:
+        """Re-reads the group's limits now and then, so that /status shows the budget other replicas spent."""
+        while True:
+            await asyncio.sleep(VIEW_REFRESH)
+            if self._conn is not None:
+                with contextlib.suppress(BackendError):
+                    await self.load()
+
+    async def _open(self) -> RedisConnection:
+        try:
+            return await RedisConnection.open(self.address, ssl_context=self._ssl_context)
+        except RedisConnectionError as exc:
+            self._down = f"Redis unreachable: {exc}"  # what /healthz and /status say until it works
+            raise
 
     async def _apply_static(self) -> None:
         """Without a token, this replica's MAX_CONCURRENCY is the group's (the last replica started wins)."""

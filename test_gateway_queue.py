@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import threading
 import time
 import unittest
 import unittest.mock
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import gateway_queue as gq
 
@@ -1240,6 +1241,1726 @@ class DiscordLimitsTests(unittest.IsolatedAsyncioTestCase):
         release.set()
         self.assertEqual((await asyncio.wait_for(second, 5)).max_concurrency, 1)
 
+
+
+REDIS_SECRET = "Sup3r-S3cret"  # must never appear in an error message
+
+# ----------------------------------------------------------------------------------------------------------------
+# Redis client: helpers (a real redis-server per test class)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 5.0) -> None:
+    """Polls `predicate` until it holds; fails after `timeout` seconds (a deadline, not a guess at a delay)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if binary:
+        return binary
+    if os.environ.get("CI") == "true":
+        raise AssertionError("redis-server is not installed, and under CI=true that fails: "
+                             "apt-get install -y redis-server")
+    raise unittest.SkipTest("redis-server is not installed (apt-get install -y redis-server; under CI=true this fails)")
+
+
+def redis_version(binary: str) -> Tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+
+
+class RedisServer:
+    """A throwaway redis-server on loopback, started in the foreground and stopped by the test that started it.
+    Readiness is its own "Ready to accept connections" line, not a delay."""
+
+    def __init__(self, *options: str, tls_files: Optional[Tuple[str, str, str]] = None):
+        self.options = options
+        self.tls_files = tls_files  # (cert, key, CA): the port is then a TLS port and the plain port is off
+        self.port = 0
+        self.process: Optional[subprocess.Popen] = None
+        self.log: List[str] = []
+
+    def start(self, port: int = 0) -> None:
+        binary = redis_server_binary()
+        extra = ["--enable-debug-command", "local"] if redis_version(binary) >= (7,) else []
+        for _ in range(5):
+            self.port = port or free_port()
+            if self.tls_files:
+                cert, key, ca = self.tls_files
+                ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                         "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+            else:
+                ports = ["--port", str(self.port)]
+            args = [binary, *ports, "--bind", "127.0.0.1", "-::1", "--save", "", "--appendonly", "no",
+                    "--daemonize", "no", "--logfile", "", *extra, *self.options]
+            if self._run(args):
+                return
+            if port or not any("Address already in use" in line for line in self.log):
+                break
+        raise AssertionError("redis-server did not start:\n" + "".join(self.log[-20:]))
+
+    def _run(self, args: List[str]) -> bool:
+        self.log = []
+        ready = threading.Event()
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def drain() -> None:  # also keeps the pipe from filling for as long as the server lives
+            assert process.stdout is not None
+            with process.stdout:
+                for raw in process.stdout:
+                    line = raw.decode("utf-8", "replace")
+                    self.log.append(line)
+                    if "Ready to accept connections" in line:
+                        ready.set()
+            ready.set()
+
+        self._drainer = threading.Thread(target=drain, daemon=True)
+        self._drainer.start()
+
+        ready.wait(10)
+        if process.poll() is None and any("Ready to accept" in line for line in self.log):
+            self.process = process
+            return True
+        process.kill()
+        process.wait()
+        self._drainer.join(5)
+        return False
+
+    def url(self, credentials: str = "", db: int = 0, host: str = "127.0.0.1") -> str:
+        scheme = "rediss" if self.tls_files else "redis"
+        return f"{scheme}://{credentials}{host}:{self.port}/{db}"
+
+    def address(self, credentials: str = "", db: int = 0, host: str = "127.0.0.1") -> gq.RedisAddress:
+        return gq.parse_redis_url(self.url(credentials, db, host))
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to its clients beyond what the kernel does."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+            self.process = None
+            self._drainer.join(5)  # the pipe is at EOF now; the thread closes it
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+            self._drainer.join(5)
+
+
+class Err(NamedTuple):
+    """An expected gq.RedisReplyError in a parser table."""
+
+    kind: str
+    message: str
+
+
+PROTOCOL = object()  # a parser table's expectation: gq.RedisProtocolError
+
+
+def normal(value: Any) -> Any:
+    """A parsed reply with gq.RedisReplyError values turned into comparable Err tuples."""
+    if isinstance(value, gq.RedisReplyError):
+        return Err(value.kind, value.message)
+    if isinstance(value, list):
+        return [normal(item) for item in value]
+    return value
+
+
+def parse_all(chunks: Sequence[bytes]) -> Tuple[List[Any], bool]:
+    """Feeds `chunks` one by one, taking every reply; returns the replies and whether a protocol error ended it.
+    Anything but a reply, gq.RESP_NEED_MORE or gq.RedisProtocolError is a bug in the parser and propagates."""
+    parser = gq.RespParser()
+    values: List[Any] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        while True:
+            try:
+                value = parser.get()
+            except gq.RedisProtocolError:
+                return values, True
+            if value is gq.RESP_NEED_MORE:
+                break
+            values.append(normal(value))
+    return values, False
+
+
+def check_reply_types(testcase: unittest.TestCase, value: Any, depth: int = 0) -> None:
+    testcase.assertLessEqual(depth, gq.RESP_MAX_DEPTH)
+    if isinstance(value, list):
+        for item in value:
+            check_reply_types(testcase, item, depth + 1)
+    else:
+        testcase.assertIsInstance(value, (bytes, int, type(None), Err))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# REDIS_URL
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RedisUrlTests(unittest.TestCase):
+    ACCEPTED = [
+        ("redis://localhost", gq.RedisAddress("localhost")),
+        ("redis://localhost:6380/2", gq.RedisAddress("localhost", 6380, 2)),
+        ("redis://127.0.0.1", gq.RedisAddress("127.0.0.1")),
+        ("redis://[::1]:7000/1", gq.RedisAddress("::1", 7000, 1)),
+        ("redis://[2001:DB8:0::1]", gq.RedisAddress("2001:db8::1")),
+        ("rediss://redis.example.com", gq.RedisAddress("redis.example.com", tls=True)),
+        ("rediss://redis.example.com.:6390/15", gq.RedisAddress("redis.example.com.", 6390, 15, tls=True)),
+        ("redis://my_redis:6379", gq.RedisAddress("my_redis")),
+        ("redis://h/", gq.RedisAddress("h")),
+        ("redis://h:65535/9999", gq.RedisAddress("h", 65535, 9999)),
+        ("redis://h:1/0", gq.RedisAddress("h", 1, 0)),
+        ("redis://:pw@h", gq.RedisAddress("h", password="pw")),
+        ("redis://bot:pw@h", gq.RedisAddress("h", username="bot", password="pw")),
+        ("redis://b%40t:p%40ss%3Aw%2Fo%25rd%3F%23@h", gq.RedisAddress("h", username="b@t", password="p@ss:w/o%rd?#")),
+        ("redis://:a:b@h", gq.RedisAddress("h", password="a:b")),  # the first ':' splits, as RFC 3986 readers do
+        ("redis://:%C3%A9t%C3%A9@h", gq.RedisAddress("h", password="\u00e9t\u00e9")),
+        ("redis://:p%20w@h", gq.RedisAddress("h", password="p w")),
+        ("redis://:!$&'()*+,;=-._~@h", gq.RedisAddress("h", password="!$&'()*+,;=-._~")),
+        ("rediss://bot:pw@[::1]:6380/3", gq.RedisAddress("::1", 6380, 3, tls=True, username="bot", password="pw")),
+    ]
+
+    REFUSED = [
+        "", "localhost", "http://h", "redis:/h", "redis:h", "REDIS://h", "unix:///tmp/redis.sock", "redis://",
+        "redis://h:", "redis://h:0", "redis://h:65536", "redis://h:123456", "redis://h:+1", "redis://h:0x10",
+        "redis://h:6379x", "redis://h:06379", "redis://h:\uff16\uff13\uff17\uff19", "redis://h/10000", "redis://h/01",
+        "redis://h/-1", "redis://h/+1", "redis://h/1/2", "redis://h/a", "redis://h/1_0", "redis://h?db=1",
+        "redis://h#x", "redis://h/0?x", " redis://h", "redis://h ", "redis://h\n", "redis://h\t", "redis://::1",
+        "redis://[::1", "redis://[::1]x", "redis://[::1]:", "redis://[fe80::1%25eth0]", "redis://[127.0.0.1]",
+        "redis://[h]", "redis://999.1.1.1", "redis://1.2.3", "redis://01.2.3.4", "redis://-h", "redis://h-",
+        "redis://a..b", "redis://" + "a" * 64, "redis://" + "a." * 127 + "b", "redis://\u00e9", "redis://h:1:2",
+        "redis://h" + "/" * 3000, "redis://h:" + "9" * 30, "redis://h/" + "9" * 30,
+        "redis://user@h", "redis://:@h", "redis://u:@h", "redis://:p@ss@h", "redis://:p%zz@h", "redis://:p%4@h",
+        "redis://:p%@h", "redis://:%FF@h", "redis://:p[w@h", "redis://:p\"w@h", "redis://u%20x:pw@h",
+        "redis://u%00:pw@h", "redis://@h",
+    ]
+
+    # every refusal again, with the password in it somewhere: none of them may echo it
+    REFUSED_WITH_SECRET = [
+        f"redis://:{REDIS_SECRET}@h:0", f"redis://:{REDIS_SECRET}@h/x", f"redis://:{REDIS_SECRET}@h?db=1", f"redis://{REDIS_SECRET}@h",
+        f"redis://:{REDIS_SECRET}@@h", f"redis://:{REDIS_SECRET}%zz@h", f"http://:{REDIS_SECRET}@h", f"redis://:{REDIS_SECRET}@h x",
+        f"redis://:{REDIS_SECRET[:5]}/{REDIS_SECRET[5:]}@h", f"redis://:{REDIS_SECRET}#@h", f"redis://:{REDIS_SECRET}?@h",
+        f"redis://u:{REDIS_SECRET}@", f"redis://u:{REDIS_SECRET}@[::1", f"redis://u:{REDIS_SECRET}@999.9.9.9", f"redis://u:{REDIS_SECRET}\n@h",
+        f"redis://:{REDIS_SECRET}@h:{'1' * 40}", f"redis://:{REDIS_SECRET}@h/{'1' * 40}", f"rediss://:{REDIS_SECRET}@h:65536",
+        f"redis://:{REDIS_SECRET}@h" + "x" * 3000, f"redis://{REDIS_SECRET}:{REDIS_SECRET}@-h", f"redis://:{REDIS_SECRET}\u00e9@h",
+    ]
+
+    def test_accepted_forms(self) -> None:
+        for url, expected in self.ACCEPTED:
+            with self.subTest(url=url):
+                self.assertEqual(gq.parse_redis_url(url), expected)
+
+    def test_refused_forms_name_the_variable(self) -> None:
+        for url in self.REFUSED + self.REFUSED_WITH_SECRET:
+            with self.subTest(url=url):
+                with self.assertRaises(ValueError) as caught:
+                    gq.parse_redis_url(url)
+                self.assertTrue(str(caught.exception).startswith("REDIS_URL "), str(caught.exception))
+
+    def test_refusals_never_echo_the_password(self) -> None:
+        for url in self.REFUSED_WITH_SECRET:
+            with self.subTest(url=url):
+                with self.assertRaises(ValueError) as caught:
+                    gq.parse_redis_url(url)
+                for text in (str(caught.exception), repr(caught.exception)):
+                    for piece in (REDIS_SECRET, REDIS_SECRET[:5], REDIS_SECRET[5:], "S3cret"):
+                        self.assertNotIn(piece, text)
+
+    def test_variable_name_is_configurable(self) -> None:
+        with self.assertRaises(ValueError) as caught:
+            gq.parse_redis_url("http://h", name="REDIS_REPLICA_URL")
+        self.assertTrue(str(caught.exception).startswith("REDIS_REPLICA_URL "))
+
+    def test_repr_and_str_hide_the_password(self) -> None:
+        address = gq.parse_redis_url(f"rediss://bot:{REDIS_SECRET}@[::1]:6380/3")
+        self.assertNotIn(REDIS_SECRET, repr(address))
+        self.assertNotIn(REDIS_SECRET, str(address))
+        self.assertEqual(str(address), "rediss://bot:***@[::1]:6380/3")
+        self.assertEqual(str(gq.parse_redis_url("redis://h")), "redis://h:6379/0")
+        self.assertEqual(gq.parse_redis_url("rediss://h").scheme, "rediss")
+
+    def test_address_is_frozen(self) -> None:
+        address = gq.parse_redis_url("redis://h")
+        with self.assertRaises(AttributeError):
+            address.port = 1  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RESP2 parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+D = gq.RESP_MAX_DEPTH
+L = gq.RESP_MAX_LINE_BYTES
+
+RESP_CASES: List[Tuple[str, bytes, Any]] = [
+    # simple strings
+    ("simple", b"+OK\r\n", b"OK"),
+    ("simple empty", b"+\r\n", b""),
+    ("simple with spaces and high bytes", b"+a b\xff\r\n", b"a b\xff"),
+    ("simple at the line limit", b"+" + b"a" * (L - 1) + b"\r\n", b"a" * (L - 1)),
+    ("simple over the line limit", b"+" + b"a" * L + b"\r\n", PROTOCOL),
+    # errors
+    ("error ERR", b"-ERR unknown command 'FOO'\r\n", Err("ERR", "ERR unknown command 'FOO'")),
+    ("error NOSCRIPT", b"-NOSCRIPT No matching script. Please use EVAL.\r\n",
+     Err("NOSCRIPT", "NOSCRIPT No matching script. Please use EVAL.")),
+    ("error WRONGPASS", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+     Err("WRONGPASS", "WRONGPASS invalid username-password pair or user is disabled.")),
+    ("error code alone", b"-BUSY\r\n", Err("BUSY", "BUSY")),
+    ("error without a code", b"-my error\r\n", Err("", "my error")),
+    ("error empty", b"-\r\n", Err("", "")),
+    ("error not UTF-8", b"-ERR \xff\r\n", Err("ERR", "ERR \ufffd")),
+    # integers
+    ("integer 0", b":0\r\n", 0),
+    ("integer 42", b":42\r\n", 42),
+    ("integer -1", b":-1\r\n", -1),
+    ("integer max", b":9223372036854775807\r\n", 2**63 - 1),
+    ("integer min", b":-9223372036854775808\r\n", -(2**63)),
+    ("integer past max", b":9223372036854775808\r\n", PROTOCOL),
+    ("integer past min", b":-9223372036854775809\r\n", PROTOCOL),
+    ("integer 20 digits", b":12345678901234567890\r\n", PROTOCOL),
+    ("integer plus", b":+1\r\n", PROTOCOL),
+    ("integer space", b": 1\r\n", PROTOCOL),
+    ("integer trailing space", b":1 \r\n", PROTOCOL),
+    ("integer underscore", b":1_0\r\n", PROTOCOL),
+    ("integer leading zero", b":01\r\n", PROTOCOL),
+    ("integer minus zero", b":-0\r\n", PROTOCOL),
+    ("integer empty", b":\r\n", PROTOCOL),
+    ("integer minus alone", b":-\r\n", PROTOCOL),
+    ("integer fullwidth digit", ":\uff11\r\n".encode(), PROTOCOL),
+    ("integer decimal", b":1.5\r\n", PROTOCOL),
+    ("integer hex", b":0x1\r\n", PROTOCOL),
+    # bulk strings
+    ("bulk", b"$5\r\nhello\r\n", b"hello"),
+    ("bulk empty", b"$0\r\n\r\n", b""),
+    ("bulk null", b"$-1\r\n", None),
+    ("bulk holding CRLF", b"$4\r\na\r\nb\r\n", b"a\r\nb"),
+    ("bulk binary", b"$3\r\n\x00\xff\n\r\n", b"\x00\xff\n"),
+    ("bulk too short for its length", b"$3\r\nfoob\r\n", PROTOCOL),
+    ("bulk not ended by CRLF", b"$3\r\nfooXY", PROTOCOL),
+    ("bulk ended by LF only", b"$3\r\nfoo\n\r", PROTOCOL),
+    ("bulk length -2", b"$-2\r\n", PROTOCOL),
+    ("bulk length -0", b"$-0\r\n", PROTOCOL),
+    ("bulk length plus", b"$+1\r\nx\r\n", PROTOCOL),
+    ("bulk length leading zero", b"$01\r\nx\r\n", PROTOCOL),
+    ("bulk length empty", b"$\r\n", PROTOCOL),
+    ("bulk length space", b"$ 1\r\nx\r\n", PROTOCOL),
+    ("bulk length over the limit", b"$%d\r\n" % (gq.RESP_MAX_BULK_BYTES + 1), PROTOCOL),
+    ("bulk length 11 digits", b"$99999999999\r\n", PROTOCOL),
+    # arrays
+    ("array empty", b"*0\r\n", []),
+    ("array null", b"*-1\r\n", None),
+    ("array", b"*3\r\n$3\r\nfoo\r\n:1\r\n$-1\r\n", [b"foo", 1, None]),
+    ("array nested", b"*3\r\n*1\r\n:1\r\n*0\r\n*2\r\n+a\r\n*-1\r\n", [[1], [], [b"a", None]]),
+    ("array holding an error", b"*2\r\n-ERR x\r\n:1\r\n", [Err("ERR", "ERR x"), 1]),
+    ("array at the depth limit", b"*1\r\n" * D + b":1\r\n", eval("[" * D + "1" + "]" * D)),
+    ("array past the depth limit", b"*1\r\n" * (D + 1) + b":1\r\n", PROTOCOL),
+    ("empty array past the depth limit", b"*1\r\n" * D + b"*0\r\n", PROTOCOL),
+    ("array of the most items", b"*%d\r\n" % gq.RESP_MAX_ARRAY_ITEMS + b":1\r\n" * gq.RESP_MAX_ARRAY_ITEMS,
+     [1] * gq.RESP_MAX_ARRAY_ITEMS),
+    ("array of too many items", b"*%d\r\n" % (gq.RESP_MAX_ARRAY_ITEMS + 1), PROTOCOL),
+    ("reply of too many items", b"*4096\r\n" * 5, PROTOCOL),
+    ("array length -2", b"*-2\r\n", PROTOCOL),
+    ("array length leading zero", b"*01\r\n:1\r\n", PROTOCOL),
+    ("array length junk", b"*1x\r\n", PROTOCOL),
+    # framing
+    ("unknown type byte", b"?x\r\n", PROTOCOL),
+    ("inline reply", b"OK\r\n", PROTOCOL),
+    ("empty line", b"\r\n", PROTOCOL),
+    ("bare LF", b"+OK\n", PROTOCOL),
+    ("bare LF alone", b"\n", PROTOCOL),
+    ("bare LF in an array", b"*1\r\n:1\n", PROTOCOL),
+    ("bare CR", b"+O\rK\r\n", PROTOCOL),
+    # RESP3 types, which RESP2 never sends
+    ("RESP3 null", b"_\r\n", PROTOCOL),
+    ("RESP3 double", b",1.5\r\n", PROTOCOL),
+    ("RESP3 boolean", b"#t\r\n", PROTOCOL),
+    ("RESP3 big number", b"(123\r\n", PROTOCOL),
+    ("RESP3 blob error", b"!3\r\nerr\r\n", PROTOCOL),
+    ("RESP3 verbatim", b"=7\r\ntxt:abc\r\n", PROTOCOL),
+    ("RESP3 map", b"%1\r\n+a\r\n:1\r\n", PROTOCOL),
+    ("RESP3 set", b"~1\r\n:1\r\n", PROTOCOL),
+    ("RESP3 attribute", b"|1\r\n+a\r\n:1\r\n", PROTOCOL),
+    ("RESP3 push", b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\np\r\n", PROTOCOL),
+    ("RESP3 inside an array", b"*2\r\n:1\r\n_\r\n", PROTOCOL),
+]
+
+TRAILER = b":7\r\n+tail\r\n"  # bytes that follow a reply and must come out intact
+
+
+class RespParserTests(unittest.TestCase):
+    def test_cases_fed_whole(self) -> None:
+        for name, raw, expected in RESP_CASES:
+            with self.subTest(name):
+                parser = gq.RespParser()
+                parser.feed(raw)
+                if expected is PROTOCOL:
+                    self.assertRaises(gq.RedisProtocolError, parser.get)
+                else:
+                    self.assertEqual(normal(parser.get()), expected)
+                    self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+                    self.assertEqual(parser.buffered, 0)
+
+    def test_cases_fed_byte_by_byte(self) -> None:
+        for name, raw, expected in RESP_CASES:
+            with self.subTest(name):
+                parser = gq.RespParser()
+                outcome: Any = gq.RESP_NEED_MORE
+                for i in range(len(raw)):
+                    parser.feed(raw[i : i + 1])
+                    try:
+                        outcome = parser.get()
+                    except gq.RedisProtocolError:
+                        outcome = PROTOCOL
+                        break
+                    if outcome is not gq.RESP_NEED_MORE:
+                        self.assertEqual(i, len(raw) - 1, "a reply came out before its last byte")
+                if expected is PROTOCOL:
+                    self.assertIs(outcome, PROTOCOL)
+                else:
+                    self.assertEqual(normal(outcome), expected)
+
+    def test_cases_followed_by_trailing_bytes(self) -> None:
+        for name, raw, expected in RESP_CASES:
+            with self.subTest(name):
+                parser = gq.RespParser()
+                parser.feed(raw + TRAILER)
+                if expected is PROTOCOL:
+                    self.assertRaises(gq.RedisProtocolError, parser.get)
+                    continue
+                self.assertEqual(normal(parser.get()), expected)
+                self.assertEqual(parser.get(), 7)
+                self.assertEqual(parser.get(), b"tail")
+                self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+
+    def test_incomplete_replies_ask_for_more(self) -> None:
+        for raw in (b"", b"+OK", b"+OK\r", b"$5\r\nhel", b"$5\r\nhello", b"$5\r\nhello\r", b"*2\r\n:1\r\n",
+                    b"*1\r\n*1\r\n", b"$-1\r", b":12"):
+            with self.subTest(raw=raw):
+                parser = gq.RespParser()
+                parser.feed(raw)
+                self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+                self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+
+    def test_a_long_line_fails_before_its_end_arrives(self) -> None:
+        parser = gq.RespParser()
+        parser.feed(b"+" + b"a" * (L + 1))  # one byte past content + CR: no LF can make this legal
+        self.assertRaises(gq.RedisProtocolError, parser.get)
+        parser = gq.RespParser()
+        parser.feed(b"+" + b"a" * (L - 1) + b"\r")  # still legal if LF comes next
+        self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+
+    def test_a_huge_length_fails_before_its_payload(self) -> None:
+        for header in (b"$%d\r\n" % (gq.RESP_MAX_BULK_BYTES + 1), b"*%d\r\n" % (gq.RESP_MAX_ARRAY_ITEMS + 1)):
+            with self.subTest(header=header):
+                parser = gq.RespParser()
+                parser.feed(header)
+                self.assertRaises(gq.RedisProtocolError, parser.get)
+
+    def test_bulk_at_the_limit_and_reply_past_the_byte_limit(self) -> None:
+        size = gq.RESP_MAX_BULK_BYTES
+        bulk = b"$%d\r\n" % size + b"x" * size + b"\r\n"
+        parser = gq.RespParser()
+        for i in range(0, len(bulk), 65536):
+            parser.feed(bulk[i : i + 65536])
+            value = parser.get()
+        self.assertEqual(value, b"x" * size)
+        count = gq.RESP_MAX_REPLY_BYTES // size + 1
+        parser = gq.RespParser()
+        parser.feed(b"*%d\r\n" % count + bulk * (count - 1) + b"$%d\r\n" % size)
+        self.assertRaises(gq.RedisProtocolError, parser.get)  # refused at the header, before the last payload
+
+    def test_a_broken_parser_stays_broken(self) -> None:
+        parser = gq.RespParser()
+        parser.feed(b"?\r\n")
+        self.assertRaises(gq.RedisProtocolError, parser.get)
+        parser.feed(b"+OK\r\n")
+        self.assertRaises(gq.RedisProtocolError, parser.get)
+
+    def test_many_replies_in_one_chunk(self) -> None:
+        parser = gq.RespParser()
+        parser.feed(b":1\r\n" * 1000 + b"$1\r\n")
+        self.assertEqual([parser.get() for _ in range(1000)], [1] * 1000)
+        self.assertIs(parser.get(), gq.RESP_NEED_MORE)
+        parser.feed(b"z\r\n")
+        self.assertEqual(parser.get(), b"z")
+
+    def test_byte_at_a_time_is_linear(self) -> None:
+        raw = b"*4096\r\n" + b"$3\r\nabc\r\n" * 4096
+        parser = gq.RespParser()
+        started = time.perf_counter()
+        for i in range(len(raw)):
+            parser.feed(raw[i : i + 1])
+            value = parser.get()
+        self.assertEqual(value, [b"abc"] * 4096)
+        self.assertLess(time.perf_counter() - started, 5.0)  # quadratic rescanning would take minutes
+
+
+class RespFuzzTests(unittest.TestCase):
+    """Seeded random mutations of valid replies: the parser only ever returns a value, asks for more, or raises
+    gq.RedisProtocolError, and its answer never depends on how the bytes were chunked."""
+
+    SEED = 20240611
+    ROUNDS = 4000
+    INTERESTING = b"\r\n$*:+-_>%0123456789"
+
+    def test_mutations(self) -> None:
+        rng = random.Random(self.SEED)
+        seeds = [raw for _, raw, expected in RESP_CASES if expected is not PROTOCOL and len(raw) < 200]
+        seeds += [b"*2\r\n$3\r\nfoo\r\n*2\r\n:-5\r\n$0\r\n\r\n", b"+OK\r\n:1\r\n$-1\r\n"]
+        for round_ in range(self.ROUNDS):
+            data = bytearray(rng.choice(seeds))
+            for _ in range(rng.randint(1, 4)):
+                op = rng.randrange(6)
+                at = rng.randrange(len(data) + 1)
+                if op == 0 and data:
+                    data[min(at, len(data) - 1)] = rng.randrange(256)
+                elif op == 1:
+                    data[at:at] = bytes([rng.choice(self.INTERESTING)])
+                elif op == 2 and data:
+                    del data[min(at, len(data) - 1)]
+                elif op == 3:
+                    data[at:at] = data[at : at + rng.randint(1, 8)]
+                elif op == 4:
+                    del data[at:]
+                else:
+                    data += rng.choice(seeds)
+            raw = bytes(data)
+            cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(0, 6)))) if len(raw) > 1 else []
+            chunks = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+            try:
+                whole = parse_all([raw])
+                chunked = parse_all(chunks)
+            except Exception as exc:  # anything but gq.RedisProtocolError is a parser bug
+                self.fail(f"round {round_}: {raw!r} raised {exc!r}")
+            self.assertEqual(whole, chunked, f"round {round_}: {raw!r} depends on chunking {chunks!r}")
+            for value in whole[0]:
+                check_reply_types(self, value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command encoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EncodeCommandTests(unittest.TestCase):
+    def test_encoding(self) -> None:
+        self.assertEqual(gq.encode_redis_command([b"SET", "k\u00e9", 5, -1, bytearray(b"")]),
+                         b"*5\r\n$3\r\nSET\r\n$3\r\nk\xc3\xa9\r\n$1\r\n5\r\n$2\r\n-1\r\n$0\r\n\r\n")
+
+    def test_round_trip_through_the_parser(self) -> None:
+        args = [b"EVAL", b"return 1\r\n", 0, "\u2603", b"\x00" * 300]
+        parser = gq.RespParser()
+        parser.feed(gq.encode_redis_command(args))
+        self.assertEqual(parser.get(), [b"EVAL", b"return 1\r\n", b"0", "\u2603".encode(), b"\x00" * 300])
+
+    def test_refusals(self) -> None:
+        for bad in (True, 1.5, None, [b"x"], object()):
+            with self.subTest(bad=bad):
+                self.assertRaises(TypeError, gq.encode_redis_command, [b"SET", bad])
+        self.assertRaises(ValueError, gq.encode_redis_command, [])
+        self.assertRaises(ValueError, gq.encode_redis_command, [b"SET", b"k", b"x" * gq.REDIS_MAX_COMMAND_BYTES])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backoff
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RedisBackoffTests(unittest.IsolatedAsyncioTestCase):
+    def test_delays_double_to_the_cap_half_fixed_half_random(self) -> None:
+        base, cap = gq.REDIS_BACKOFF_BASE, gq.REDIS_BACKOFF_CAP
+        for failures in (1, 2, 3, 4, 5, 6, 30, 10_000):
+            step = min(cap, base * 2 ** min(failures - 1, 30))
+            with self.subTest(failures=failures):
+                self.assertAlmostEqual(gq.redis_backoff_delay(failures, rand=lambda: 0.0), step / 2)
+                self.assertAlmostEqual(gq.redis_backoff_delay(failures, rand=lambda: 1.0), step)
+        self.assertAlmostEqual(gq.redis_backoff_delay(1, rand=lambda: 0.0), 0.05)
+        self.assertAlmostEqual(gq.redis_backoff_delay(10_000, rand=lambda: 1.0), 2.0)
+        delays = [gq.redis_backoff_delay(20) for _ in range(200)]
+        self.assertTrue(all(1.0 <= d <= 2.0 for d in delays))
+        self.assertGreater(len(set(delays)), 100)  # jittered, not in step
+
+    async def test_open_with_backoff_retries_connection_errors_and_logs_sparingly(self) -> None:
+        attempts: List[int] = []
+        slept: List[float] = []
+
+        async def opener() -> str:
+            attempts.append(1)
+            if len(attempts) <= 4:
+                raise gq.RedisConnectionError("refused" if len(attempts) < 4 else "reset")
+            return "connection"
+
+        async def sleep(delay: float) -> None:
+            slept.append(delay)
+
+        with self.assertLogs("gateway_queue", logging.DEBUG) as logs:
+            result = await gq.open_redis_with_backoff(opener, sleep=sleep, rand=lambda: 0.5)
+        self.assertEqual(result, "connection")
+        self.assertEqual(len(slept), 4)
+        self.assertEqual(slept, [gq.redis_backoff_delay(n, rand=lambda: 0.5) for n in (1, 2, 3, 4)])
+        levels = [record.levelname for record in logs.records]
+        self.assertEqual(levels, ["WARNING", "DEBUG", "DEBUG", "WARNING", "INFO"])  # a new message is news
+
+    async def test_open_with_backoff_lets_other_errors_through(self) -> None:
+        async def opener() -> None:
+            raise ValueError("bad configuration")
+
+        with self.assertRaises(ValueError):
+            await gq.open_redis_with_backoff(opener)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Connection, against a fake server (no redis-server needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+Responder = Callable[[list], Awaitable[Optional[bytes]]]
+
+
+class FakeRedis:
+    """A loopback server that parses commands with gq.RespParser and sends whatever `respond` returns for each (None:
+    close the connection). PING gets +PONG unless `respond` says otherwise."""
+
+    def __init__(self, respond: Optional[Responder] = None):
+        self.respond = respond
+        self.commands: List[list] = []
+        self.disconnected = asyncio.Event()
+        self.stall_reading = False
+        self._release = asyncio.Event()
+        self._writers: List[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def url(self, rest: str = "") -> str:
+        return f"redis://{rest}127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        parser = gq.RespParser()
+        try:
+            while True:
+                if self.stall_reading:
+                    await self._release.wait()
+                    return
+                data = await reader.read(65536)
+                if not data:
+                    return
+                parser.feed(data)
+                while True:
+                    command = parser.get()
+                    if command is gq.RESP_NEED_MORE:
+                        break
+                    self.commands.append(command)  # type: ignore[arg-type]
+                    answer = await self.respond(command) if self.respond else None  # type: ignore[arg-type]
+                    if answer is None and command == [b"PING"]:
+                        answer = b"+PONG\r\n"
+                    if answer is None:
+                        return
+                    writer.write(answer)
+        except (OSError, gq.RedisProtocolError):
+            return
+        finally:
+            self.disconnected.set()
+            writer.transport.abort()
+
+    async def stop(self) -> None:
+        self._release.set()
+        for writer in self._writers:
+            writer.transport.abort()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class FakeRedisServerTests(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self) -> None:
+        self.fake = FakeRedis()
+        await self.fake.start()
+        self.addAsyncCleanup(self.fake.stop)
+
+    async def connect(self, rest: str = "", **kwargs: Any) -> gq.RedisConnection:
+        connection = await gq.RedisConnection.open(gq.parse_redis_url(self.fake.url(rest)), **kwargs)
+        self.addAsyncCleanup(connection.aclose)
+        return connection
+
+    def answer(self, table: dict) -> None:
+        async def respond(command: list) -> Optional[bytes]:
+            return table.get(command[0])
+
+        self.fake.respond = respond
+
+    async def test_login_sends_auth_select_then_ping(self) -> None:
+        self.answer({b"AUTH": b"+OK\r\n", b"SELECT": b"+OK\r\n", b"PING": b"+PONG\r\n"})
+        await self.connect(f"bot:{REDIS_SECRET}@", )
+        self.fake.commands.clear()
+        await self.connect(f"b%40t:{REDIS_SECRET}%2F@")
+        self.assertEqual(self.fake.commands, [[b"AUTH", b"b@t", REDIS_SECRET.encode() + b"/"], [b"PING"]])
+        self.fake.commands.clear()
+        connection = await gq.RedisConnection.open(gq.parse_redis_url(self.fake.url(f":{REDIS_SECRET}@") + "/7"))
+        self.addAsyncCleanup(connection.aclose)
+        self.assertEqual(self.fake.commands, [[b"AUTH", REDIS_SECRET.encode()], [b"SELECT", b"7"], [b"PING"]])
+
+    async def test_a_wrong_ping_answer_fails_the_open(self) -> None:
+        self.answer({b"PING": b"+NOPE\r\n"})
+        with self.assertRaises(gq.RedisProtocolError):
+            await self.connect()
+
+    async def test_a_silent_server_times_the_open_out(self) -> None:
+        self.answer({b"PING": b""})  # swallowed: no reply at all
+        started = time.monotonic()
+        with self.assertRaises(gq.RedisTimeoutError):
+            await self.connect(timeout=0.1)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    async def test_connection_refused(self) -> None:
+        with self.assertRaises(gq.RedisConnectionError) as caught:
+            await gq.RedisConnection.open(gq.parse_redis_url(f"redis://:{REDIS_SECRET}@127.0.0.1:{free_port()}"), timeout=2)
+        self.assertIn("could not connect", str(caught.exception))
+        self.assertNotIn(REDIS_SECRET, str(caught.exception))
+
+    async def test_garbage_drops_the_connection_and_fails_every_pending_command(self) -> None:
+        self.answer({b"GET": b"?garbage\r\n", b"HANG": b""})
+        connection = await self.connect()
+        hang = asyncio.ensure_future(connection.execute("HANG", timeout=10))
+        await until(lambda: _true(len(self.fake.commands) >= 2), "HANG to reach the server")
+        get = asyncio.ensure_future(connection.execute("GET", "k", timeout=10))
+        results = await asyncio.gather(hang, get, return_exceptions=True)
+        self.assertTrue(all(isinstance(r, gq.RedisConnectionError) for r in results), results)
+        self.assertIn("malformed", str(results[0]))
+        self.assertTrue(connection.closed)
+        self.assertIsInstance(connection.error, gq.RedisProtocolError)
+        with self.assertRaises(gq.RedisConnectionError):
+            await connection.execute("PING")
+        await asyncio.wait_for(self.fake.disconnected.wait(), 5)
+
+    async def test_resp3_push_is_a_protocol_error(self) -> None:
+        self.answer({b"GET": b">2\r\n+a\r\n+b\r\n"})
+        connection = await self.connect()
+        with self.assertRaises(gq.RedisProtocolError) as caught:
+            await connection.execute("GET", "k")
+        self.assertIn("RESP3", str(caught.exception))
+
+    async def test_a_reply_to_no_command_drops_the_connection(self) -> None:
+        self.answer({b"PING": b"+PONG\r\n", b"ECHO": b"$1\r\na\r\n:1\r\n"})
+        connection = await self.connect()
+        self.assertEqual(await connection.execute("ECHO", "a"), b"a")
+        error = await asyncio.wait_for(connection.wait_closed(), 5)
+        self.assertIsInstance(error, gq.RedisProtocolError)
+        self.assertIn("no command", str(error))
+
+    async def test_eof_mid_reply(self) -> None:
+        async def respond(command: list) -> Optional[bytes]:
+            if command[0] == b"GET":
+                self.fake._writers[-1].write(b"$10\r\nabc")
+                return None
+            return None
+
+        self.fake.respond = respond
+        connection = await self.connect()
+        with self.assertRaises(gq.RedisConnectionError) as caught:
+            await connection.execute("GET", "k", timeout=10)
+        self.assertIn("middle of a reply", str(caught.exception))
+
+    async def test_eof_fails_pending_commands_promptly(self) -> None:
+        self.answer({})  # anything but PING: the fake closes the connection
+        connection = await self.connect()
+        started = time.monotonic()
+        results = await asyncio.gather(*(connection.execute("GET", str(i), timeout=10) for i in range(5)),
+                                       return_exceptions=True)
+        self.assertTrue(all(isinstance(r, gq.RedisConnectionError) for r in results), results)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    async def test_a_timeout_drops_the_connection_and_fails_what_follows(self) -> None:
+        self.answer({b"GET": b""})  # never answered
+        connection = await self.connect()
+        first = asyncio.ensure_future(connection.execute("GET", "a", timeout=0.05))
+        second = asyncio.ensure_future(connection.execute("GET", "b", timeout=30))
+        started = time.monotonic()
+        with self.assertLogs("gateway_queue", logging.WARNING):
+            results = await asyncio.gather(first, second, return_exceptions=True)
+        self.assertIsInstance(results[0], gq.RedisTimeoutError)
+        self.assertIn("GET within 0.05 s", str(results[0]))
+        self.assertIsInstance(results[1], gq.RedisConnectionError)
+        self.assertNotIsInstance(results[1], gq.RedisTimeoutError)
+        self.assertLess(time.monotonic() - started, 2.0)  # the second did not wait out its own 30 s
+        self.assertTrue(connection.closed)
+        await asyncio.wait_for(self.fake.disconnected.wait(), 5)  # and the server saw the connection go
+
+    async def test_a_cancelled_command_leaves_its_reply_to_be_discarded(self) -> None:
+        got_a, release = asyncio.Event(), asyncio.Event()
+
+        async def respond(command: list) -> Optional[bytes]:
+            if command == [b"GET", b"a"]:
+                got_a.set()
+                await release.wait()
+                return b"$1\r\na\r\n"
+            if command == [b"GET", b"b"]:
+                return b"$1\r\nb\r\n"
+            return None
+
+        self.fake.respond = respond
+        connection = await self.connect()
+        first = asyncio.ensure_future(connection.execute("GET", "a", timeout=10))
+        await asyncio.wait_for(got_a.wait(), 5)
+        second = asyncio.ensure_future(connection.execute("GET", "b", timeout=10))
+        first.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await first
+        release.set()
+        self.assertEqual(await second, b"b")
+        self.assertFalse(connection.closed)
+
+    async def test_close_fails_pending_commands(self) -> None:
+        self.answer({b"GET": b""})
+        connection = await self.connect()
+        pending = asyncio.ensure_future(connection.execute("GET", "a", timeout=10))
+        await until(lambda: _true(len(self.fake.commands) >= 2), "GET to reach the server")
+        await connection.aclose()
+        with self.assertRaises(gq.RedisConnectionError) as caught:
+            await pending
+        self.assertIn("closed by the client", str(caught.exception))
+        self.assertTrue(connection.closed)
+        connection.close()  # twice is fine
+        await connection.aclose()
+
+    async def test_a_server_that_stops_reading_times_commands_out(self) -> None:
+        connection = await self.connect()
+        self.fake.stall_reading = True
+        value = b"x" * 900_000
+        results = await asyncio.gather(*(connection.execute("SET", "k", value, timeout=0.3) for _ in range(30)),
+                                       return_exceptions=True)
+        self.assertTrue(all(isinstance(r, gq.RedisConnectionError) for r in results), results[:3])
+        self.assertTrue(any(isinstance(r, gq.RedisTimeoutError) for r in results))
+        self.assertTrue(connection.closed)
+
+    @unittest.mock.patch.object(gq, "REDIS_MAX_PENDING", 50)
+    async def test_too_many_pending_commands(self) -> None:
+        self.answer({b"GET": b""})
+        connection = await self.connect()
+        tasks = [asyncio.ensure_future(connection.execute("GET", "k", timeout=10)) for _ in range(50)]
+        await until(lambda: _true(len(connection._pending) == 50), "the commands to be sent")
+        with self.assertRaises(gq.RedisError) as caught:
+            await connection.execute("GET", "k")
+        self.assertNotIsInstance(caught.exception, gq.RedisConnectionError)
+        connection.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def test_bad_arguments_send_nothing(self) -> None:
+        connection = await self.connect()
+        self.fake.commands.clear()
+        with self.assertRaises(TypeError):
+            await connection.execute("SET", "k", 1.5)
+        for timeout in (0, -1, float("nan"), float("inf"), True):
+            with self.assertRaises(ValueError):
+                await connection.execute("GET", "k", timeout=timeout)
+        self.assertEqual(await connection.execute("PING"), b"PONG")
+        self.assertEqual(self.fake.commands, [[b"PING"]])
+
+    async def test_ssl_context_for_a_plain_address_is_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            await gq.RedisConnection.open(gq.parse_redis_url(self.fake.url()), ssl_context=ssl.create_default_context())
+
+    async def test_subscriber_refuses_a_message_for_another_channel(self) -> None:
+        async def respond(command: list) -> Optional[bytes]:
+            if command[0] == b"SUBSCRIBE":
+                return (b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"
+                        b"*3\r\n$7\r\nmessage\r\n$5\r\nother\r\n$1\r\np\r\n")
+            return None
+
+        self.fake.respond = respond
+        subscriber = await gq.RedisSubscriber.open(gq.parse_redis_url(self.fake.url()), "c")
+        self.addAsyncCleanup(subscriber.aclose)
+        error = await asyncio.wait_for(subscriber.wait_closed(), 5)
+        self.assertIsInstance(error, gq.RedisProtocolError)
+        with self.assertRaises(gq.RedisConnectionError):
+            await subscriber.__anext__()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Connection, against a real redis-server
+# ----------------------------------------------------------------------------------------------------------------
+
+SCRIPT = b"redis.call('SET', KEYS[1], ARGV[1]); return {redis.call('GET', KEYS[1]), tonumber(ARGV[2]) + 1}"
+
+
+class RedisServerCase(unittest.IsolatedAsyncioTestCase):
+    """A redis-server shared by the tests of a class, emptied before each test."""
+
+    OPTIONS: Tuple[str, ...] = ()
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = RedisServer(*cls.OPTIONS)
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+
+    async def asyncSetUp(self) -> None:
+        asyncio.get_running_loop().slow_callback_duration = 1.0  # debug mode; bursts of 1000 commands take ~0.1 s
+        self.admin = await self.connect()
+        await self.admin.execute("FLUSHALL")
+
+    async def connect(self, url: Optional[str] = None, **kwargs: Any) -> gq.RedisConnection:
+        connection = await gq.RedisConnection.open(gq.parse_redis_url(url or self.server.url()), **kwargs)
+        self.addAsyncCleanup(connection.aclose)
+        return connection
+
+    async def subscribe(self, channel: str, **kwargs: Any) -> gq.RedisSubscriber:
+        subscriber = await gq.RedisSubscriber.open(self.server.address(), channel, **kwargs)
+        self.addAsyncCleanup(subscriber.aclose)
+        return subscriber
+
+
+class RedisServerTests(RedisServerCase):
+    async def test_ping_set_get_incr(self) -> None:
+        connection = await self.connect()
+        self.assertEqual(await connection.execute("PING"), b"PONG")
+        self.assertEqual(await connection.execute("SET", "k", b"v\x00\xff"), b"OK")
+        self.assertEqual(await connection.execute("GET", "k"), b"v\x00\xff")
+        self.assertIsNone(await connection.execute("GET", "missing"))
+        self.assertEqual(await connection.execute("INCR", "n"), 1)
+        self.assertEqual(await connection.execute("INCRBY", "n", -5), -4)
+        self.assertEqual(await connection.execute("RPUSH", "l", "a", "b"), 2)
+        self.assertEqual(await connection.execute("LRANGE", "l", 0, -1), [b"a", b"b"])
+        self.assertEqual(await connection.execute("LRANGE", "nothing", 0, -1), [])
+
+    async def test_error_replies_keep_the_connection(self) -> None:
+        connection = await self.connect()
+        await connection.execute("SET", "k", "v")
+        with self.assertRaises(gq.RedisReplyError) as caught:
+            await connection.execute("INCR", "k")
+        self.assertEqual(caught.exception.kind, "ERR")
+        with self.assertRaises(gq.RedisReplyError) as caught:
+            await connection.execute("LPUSH", "k", "x")
+        self.assertEqual(caught.exception.kind, "WRONGTYPE")
+        with self.assertRaises(gq.RedisReplyError):
+            await connection.execute("NOSUCHCOMMAND")
+        self.assertFalse(connection.closed)
+        self.assertEqual(await connection.execute("PING"), b"PONG")
+
+    async def test_eval_types(self) -> None:
+        connection = await self.connect()
+        self.assertEqual(await connection.execute("EVAL", "return {1, 'two', {3, {false}}, -4}", 0),
+                         [1, b"two", [3, [None]], -4])
+        self.assertEqual(await connection.execute("EVAL", "return 1.9", 0), 1)  # Lua numbers are truncated
+        self.assertEqual(await connection.execute("EVAL", "return {ok='fine'}", 0), b"fine")
+        with self.assertRaises(gq.RedisReplyError) as caught:
+            await connection.execute("EVAL", "return redis.error_reply('my error')", 0)
+        self.assertEqual((caught.exception.kind, caught.exception.message), ("", "my error"))
+        time_reply = await connection.execute("EVAL", "return redis.call('TIME')", 0)
+        self.assertTrue(isinstance(time_reply, list) and all(isinstance(part, bytes) for part in time_reply))
+
+    async def test_evalsha_falls_back_to_eval_once(self) -> None:
+        connection = await self.connect()
+        await self.admin.execute("SCRIPT", "FLUSH")
+        await self.admin.execute("CONFIG", "RESETSTAT")
+        self.assertEqual(await connection.evalsha(SCRIPT, ["k"], ["v", 41]), [b"v", 42])
+        self.assertEqual(await connection.evalsha(SCRIPT, ["k"], ["w", 1]), [b"w", 2])
+        stats = await self.admin.execute("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        self.assertRegex(stats, rb"cmdstat_evalsha:calls=2,.*failed_calls=1")  # a NOSCRIPT, then a hit
+        self.assertRegex(stats, rb"cmdstat_eval:calls=1,")
+        with self.assertRaises(gq.RedisReplyError) as caught:  # a script error is not retried
+            await connection.evalsha(b"return redis.call('NOSUCHCOMMAND')")
+        self.assertEqual(caught.exception.kind, "ERR")
+
+    async def test_pipelined_replies_come_back_in_order(self) -> None:
+        connection = await self.connect()
+        results = await asyncio.gather(*(connection.execute("INCR", "n") for _ in range(1000)))
+        self.assertEqual(results, list(range(1, 1001)))
+        await asyncio.gather(*(connection.execute("SET", f"k{i}", i) for i in range(500)))
+        got = await asyncio.gather(*(connection.execute("GET", f"k{i}") for i in range(500)))
+        self.assertEqual(got, [str(i).encode() for i in range(500)])
+
+    async def test_select(self) -> None:
+        db3 = await self.connect(self.server.url(db=3))
+        await db3.execute("SET", "where", "three")
+        self.assertIsNone(await self.admin.execute("GET", "where"))
+        other = await self.connect(self.server.url(db=3))
+        self.assertEqual(await other.execute("GET", "where"), b"three")
+        with self.assertRaises(gq.RedisConnectionError) as caught:
+            await self.connect(self.server.url(db=9999))
+        self.assertIn("refused", str(caught.exception))
+
+    async def test_auth_against_a_server_without_a_password(self) -> None:
+        with self.assertRaises(gq.RedisAuthError) as caught:
+            await self.connect(self.server.url(f":{REDIS_SECRET}@"))
+        self.assertIn("authentication failed", str(caught.exception))
+        self.assertNotIn(REDIS_SECRET, str(caught.exception))
+
+    async def test_a_blocked_command_times_out_and_drops_the_connection(self) -> None:
+        connection = await self.connect()
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "queue", 10, timeout=0.1))
+        behind = asyncio.ensure_future(connection.execute("GET", "k", timeout=30))
+        started = time.monotonic()
+        results = await asyncio.gather(blocked, behind, return_exceptions=True)
+        self.assertIsInstance(results[0], gq.RedisTimeoutError)
+        self.assertIsInstance(results[1], gq.RedisConnectionError)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertTrue(connection.closed)
+
+        async def unblocked() -> bool:
+            info = await self.admin.execute("INFO", "clients")
+            return isinstance(info, bytes) and b"blocked_clients:0" in info
+
+        await until(unblocked, "Redis to notice the dropped client")
+
+    async def test_debug_sleep_times_out(self) -> None:
+        connection = await self.connect()
+        with self.assertRaises(gq.RedisTimeoutError):
+            await connection.execute("DEBUG", "SLEEP", "0.3", timeout=0.05)
+        self.assertTrue(connection.closed)
+        fresh = await self.connect()
+        self.assertEqual(await fresh.execute("PING", timeout=5), b"PONG")
+
+    async def test_a_cancelled_command_on_a_real_server(self) -> None:
+        connection = await self.connect()
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "queue", 10, timeout=10))
+        ping = asyncio.ensure_future(connection.execute("PING", timeout=10))
+
+        async def is_blocked() -> bool:
+            info = await self.admin.execute("INFO", "clients")
+            return isinstance(info, bytes) and b"blocked_clients:1" in info
+
+        await until(is_blocked, "BLPOP to block")
+        blocked.cancel()
+        await self.admin.execute("RPUSH", "queue", "item")
+        self.assertEqual(await ping, b"PONG")  # the BLPOP's reply was read and dropped
+        self.assertIsNone(await self.admin.execute("LPOP", "queue"))  # ...but it ran: the item is gone
+
+    async def test_subscriber_callback_and_publish(self) -> None:
+        received: "asyncio.Queue[Tuple[bytes, bytes]]" = asyncio.Queue()
+        await self.subscribe("grants", on_message=lambda c, p: received.put_nowait((c, p)))
+        self.assertEqual(await self.admin.execute("PUBLISH", "grants", b"\x00one"), 1)
+        self.assertEqual(await self.admin.execute("PUBLISH", "other", b"x"), 0)
+        self.assertEqual(await self.admin.execute("PUBLISH", "grants", b"two"), 1)
+        self.assertEqual(await asyncio.wait_for(received.get(), 5), (b"grants", b"\x00one"))
+        self.assertEqual(await asyncio.wait_for(received.get(), 5), (b"grants", b"two"))
+
+    async def test_subscriber_callback_errors_are_logged_not_fatal(self) -> None:
+        got = asyncio.Event()
+
+        def on_message(channel: bytes, payload: bytes) -> None:
+            if payload == b"boom":
+                raise RuntimeError("callback bug")
+            got.set()
+
+        subscriber = await self.subscribe("c", on_message=on_message)
+        with self.assertLogs("gateway_queue", logging.ERROR):
+            await self.admin.execute("PUBLISH", "c", "boom")
+            await self.admin.execute("PUBLISH", "c", "fine")
+            await asyncio.wait_for(got.wait(), 5)
+        self.assertFalse(subscriber.closed)
+
+    async def test_subscriber_iterator_and_disconnect(self) -> None:
+        subscriber = await self.subscribe("grants")
+        for i in range(3):
+            await self.admin.execute("PUBLISH", "grants", str(i))
+        got = []
+        async for channel, payload in subscriber:
+            got.append(payload)
+            if len(got) == 3:
+                break
+        self.assertEqual(got, [b"0", b"1", b"2"])
+        await self.admin.execute("PUBLISH", "grants", "last")
+        await self.admin.execute("CLIENT", "KILL", "TYPE", "pubsub")
+        error = await asyncio.wait_for(subscriber.wait_closed(), 5)
+        self.assertIsInstance(error, gq.RedisConnectionError)
+        self.assertTrue(subscriber.closed)
+        rest = []
+        with self.assertRaises(gq.RedisConnectionError):
+            async for _, payload in subscriber:  # what arrived before the drop is still handed out
+                rest.append(payload)
+        self.assertIn(rest, ([b"last"], []))  # "last" may or may not have beaten the kill to the socket
+
+    async def test_subscriber_ends_quietly_when_closed_by_its_owner(self) -> None:
+        subscriber = await self.subscribe("c")
+        consumer = asyncio.ensure_future(_collect(subscriber))
+        await self.admin.execute("PUBLISH", "c", "x")
+        subscriber.close()
+        self.assertIn(await asyncio.wait_for(consumer, 5), ([b"x"], []))
+        await subscriber.aclose()
+
+    async def test_subscriber_notices_a_silent_redis(self) -> None:
+        subscriber = await self.subscribe("c", ping_interval=0.02, ping_timeout=0.1)
+        sleeper = asyncio.ensure_future(self.admin.execute("DEBUG", "SLEEP", "0.5", timeout=5))
+        error = await asyncio.wait_for(subscriber.wait_closed(), 5)
+        self.assertIsInstance(error, gq.RedisTimeoutError)
+        self.assertIn("PING", str(error))
+        await sleeper
+
+    async def test_subscriber_that_falls_behind_is_dropped(self) -> None:
+        subscriber = await self.subscribe("c")
+        total = gq.REDIS_SUBSCRIBER_BACKLOG + 10
+        await asyncio.gather(*(self.admin.execute("PUBLISH", "c", str(i)) for i in range(total)))
+        error = await asyncio.wait_for(subscriber.wait_closed(), 5)
+        self.assertNotIsInstance(error, gq.RedisProtocolError)
+        self.assertIn("fell behind", str(error))
+        got = []
+        with self.assertRaises(gq.RedisConnectionError):
+            async for _, payload in subscriber:
+                got.append(payload)
+        self.assertEqual(got, [str(i).encode() for i in range(gq.REDIS_SUBSCRIBER_BACKLOG)])
+
+
+async def _collect(subscriber: gq.RedisSubscriber) -> List[bytes]:
+    return [payload async for _, payload in subscriber]
+
+
+class RedisAuthTests(RedisServerCase):
+    PASSWORD = "s3cret-P@ss:/%"  # needs percent-encoding in a URL
+    ENCODED = "s3cret-P%40ss%3A%2F%25"
+    OPTIONS = ("--requirepass", PASSWORD)
+
+    async def asyncSetUp(self) -> None:
+        self.admin = await self.connect(self.server.url(f":{self.ENCODED}@"))
+        await self.admin.execute("FLUSHALL")
+        await self.admin.execute("ACL", "SETUSER", "bot", "reset", "on", ">b0t:pass/%", "~*", "&*", "+@all")
+        await self.admin.execute("ACL", "SETUSER", "limited", "reset", "on", ">limited", "~*", "+get")
+
+    async def test_default_user_with_password(self) -> None:
+        connection = await self.connect(self.server.url(f":{self.ENCODED}@"))
+        self.assertEqual(await connection.execute("ACL", "WHOAMI"), b"default")
+
+    async def test_acl_user(self) -> None:
+        connection = await self.connect(self.server.url("bot:b0t%3Apass%2F%25@", db=2))
+        self.assertEqual(await connection.execute("ACL", "WHOAMI"), b"bot")
+
+    async def test_wrong_passwords(self) -> None:
+        for credentials in (f":{REDIS_SECRET}@", f"bot:{REDIS_SECRET}@", f"nobody:{REDIS_SECRET}@", f"default:{REDIS_SECRET}@"):
+            with self.subTest(credentials=credentials):
+                with self.assertRaises(gq.RedisAuthError) as caught:
+                    await self.connect(self.server.url(credentials))
+                message = str(caught.exception)
+                self.assertIn("authentication failed", message)
+                self.assertIn("WRONGPASS", message)
+                self.assertNotIn(REDIS_SECRET, message)
+                self.assertNotIn(self.PASSWORD, message)
+
+    async def test_missing_password(self) -> None:
+        with self.assertRaises(gq.RedisAuthError) as caught:
+            await self.connect()
+        self.assertIn("requires a password", str(caught.exception))
+
+    async def test_user_without_the_rights_it_needs(self) -> None:
+        with self.assertRaises(gq.RedisAuthError) as caught:
+            await self.connect(self.server.url("limited:limited@"))  # may GET, not PING
+        self.assertIn("refused user 'limited'", str(caught.exception))
+
+
+class RedisRestartTests(unittest.IsolatedAsyncioTestCase):
+    """A server of its own per test, killed and brought back."""
+
+    async def asyncSetUp(self) -> None:
+        self.server = RedisServer()
+        self.server.start()
+        self.addCleanup(self.server.stop)
+        self.admin = await self.connect()
+
+    async def connect(self) -> gq.RedisConnection:
+        connection = await gq.RedisConnection.open(self.server.address())
+        self.addAsyncCleanup(connection.aclose)
+        return connection
+
+    async def blocked_clients(self, count: int) -> bool:
+        info = await self.admin.execute("INFO", "clients")
+        return isinstance(info, bytes) and b"blocked_clients:%d" % count in info
+
+    async def test_server_killed_mid_command(self) -> None:
+        connection = await self.connect()
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "queue", 30, timeout=30))
+        behind = asyncio.ensure_future(connection.execute("GET", "k", timeout=30))
+        await until(lambda: self.blocked_clients(1), "BLPOP to block")
+        started = time.monotonic()
+        self.server.kill()
+        results = await asyncio.gather(blocked, behind, return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertTrue(all(isinstance(r, gq.RedisConnectionError) for r in results), results)
+        self.assertTrue(connection.closed)
+        self.assertTrue(self.admin.closed or isinstance(await _error_of(self.admin.execute("PING")), gq.RedisError))
+
+    async def test_reconnect_after_restart(self) -> None:
+        port = self.server.port
+        subscriber = await gq.RedisSubscriber.open(self.server.address(), "c")
+        self.addAsyncCleanup(subscriber.aclose)
+        self.server.kill()
+        self.assertIsInstance(await asyncio.wait_for(subscriber.wait_closed(), 5), gq.RedisConnectionError)
+        slept: List[float] = []
+
+        async def sleep(delay: float) -> None:
+            slept.append(delay)
+            if len(slept) == 3:
+                self.server.start(port)  # Redis comes back during the third wait
+
+        address = self.server.address()
+        started = time.monotonic()
+        connection = await gq.open_redis_with_backoff(lambda: gq.RedisConnection.open(address, timeout=2), sleep=sleep)
+        self.addAsyncCleanup(connection.aclose)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(len(slept), 3)
+        self.assertTrue(0.05 <= slept[0] <= 0.1 and 0.1 <= slept[1] <= 0.2 and 0.2 <= slept[2] <= 0.4, slept)
+        self.assertEqual(await connection.execute("PING"), b"PONG")
+        resubscribed = await gq.RedisSubscriber.open(address, "c")
+        self.addAsyncCleanup(resubscribed.aclose)
+        self.assertEqual(await connection.execute("PUBLISH", "c", "back"), 1)
+
+
+async def _error_of(awaitable: Awaitable[Any]) -> Optional[BaseException]:
+    try:
+        await awaitable
+    except BaseException as exc:  # noqa: B902 - the test inspects it
+        return exc
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TLS
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_certificates(directory: str) -> Tuple[str, str, str]:
+    """A throwaway CA and a server certificate for DNS:localhost only, made with the openssl CLI. The extensions are
+    the ones Python 3.13's VERIFY_X509_STRICT insists on."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise unittest.SkipTest("the openssl command is not installed, so no test certificate can be made")
+    ca_key, ca, key, csr, cert, ext = (os.path.join(directory, name) for name in
+                                       ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "server.ext"))
+    with open(ext, "w") as f:
+        f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                "subjectAltName=DNS:localhost\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", "-new", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=gateway-queue test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+         "-extfile", ext],
+    ):
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30)
+    return cert, key, ca
+
+
+class RedisTlsTests(unittest.IsolatedAsyncioTestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        redis_server_binary()
+        cls.directory = tempfile.TemporaryDirectory()
+        cls.cert, cls.key, cls.ca = make_certificates(cls.directory.name)
+        cls.server = RedisServer(tls_files=(cls.cert, cls.key, cls.ca))
+        try:
+            cls.server.start()
+        except AssertionError:
+            log = "".join(cls.server.log)
+            cls.directory.cleanup()
+            if "TLS" in log and ("not built" in log or "not supported" in log or "Unrecognized" in log
+                                 or "Bad directive" in log):
+                raise unittest.SkipTest("this redis-server was built without TLS") from None
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+        cls.directory.cleanup()
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca)
+
+    async def test_tls_with_our_ca(self) -> None:
+        address = self.server.address(host="localhost")
+        self.assertTrue(address.tls)
+        connection = await gq.RedisConnection.open(address, ssl_context=self.context())
+        self.addAsyncCleanup(connection.aclose)
+        self.assertEqual(await connection.execute("SET", "k", "v"), b"OK")
+        results = await asyncio.gather(*(connection.execute("INCR", "tls-n") for _ in range(200)))
+        self.assertEqual(results[-1] - results[0], 199)
+        subscriber = await gq.RedisSubscriber.open(address, "c", ssl_context=self.context())
+        self.addAsyncCleanup(subscriber.aclose)
+        self.assertEqual(await connection.execute("PUBLISH", "c", "hi"), 1)
+        self.assertEqual(await asyncio.wait_for(subscriber.__anext__(), 5), (b"c", b"hi"))
+
+    async def test_system_cas_do_not_trust_our_certificate(self) -> None:
+        with self.assertRaises(gq.RedisConnectionError) as caught:
+            await gq.RedisConnection.open(self.server.address(host="localhost"))
+        self.assertIn("certificate", str(caught.exception).lower())
+
+    async def test_host_name_is_checked(self) -> None:
+        with self.assertRaises(gq.RedisConnectionError) as caught:  # the certificate names localhost, not 127.0.0.1
+            await gq.RedisConnection.open(self.server.address(host="127.0.0.1"), ssl_context=self.context())
+        self.assertIn("127.0.0.1", str(caught.exception))
+
+    async def test_plain_client_on_a_tls_port_fails(self) -> None:
+        with self.assertRaises(gq.RedisConnectionError):
+            await gq.RedisConnection.open(gq.parse_redis_url(f"redis://127.0.0.1:{self.server.port}"), timeout=2)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coordination on Redis: replicas in one process, then as real processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RedisCoordinatorTests(unittest.IsolatedAsyncioTestCase):
+    """Several RedisCoordinators on one real redis-server play replicas. Redis keeps the time: intervals are short
+    and real, and every wait below is one Redis named, not a guess."""
+
+    INTERVAL = 0.2
+
+    async def asyncSetUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.admin = await gq.RedisConnection.open(self.redis.address())
+        self.addAsyncCleanup(self.admin.aclose)
+
+    async def replica(self, **settings: Any) -> gq.RedisCoordinator:
+        config = gq.Config(**{"interval": self.INTERVAL, "redis_url": self.redis.url(), "redis_prefix": "t", **settings})
+        coordinator = gq.RedisCoordinator(config)
+        await coordinator.start(0)
+        self.addAsyncCleanup(coordinator.stop)
+        await eventually(lambda: coordinator.problem() is None, what="connected")
+        return coordinator
+
+    async def claim_when_free(self, coordinator: gq.RedisCoordinator, shard: int, limit: int = 20) -> gq.Verdict:
+        for _ in range(limit):
+            verdict = await coordinator.claim(shard)
+            if verdict.granted:
+                return verdict
+            self.assertLess(verdict.wait, 10)
+            await asyncio.sleep(verdict.wait)
+        raise AssertionError(f"shard {shard} never granted: {verdict.reason}")
+
+    async def grant_log(self, prefix: str = "t") -> List[Tuple[int, int]]:
+        """(Redis ms, shard) of every claim that stood, from the group's own record."""
+        items = await self.admin.execute("ZRANGE", f"{prefix}:grants", 0, -1, "WITHSCORES")
+        pairs = list(zip(items[::2], items[1::2]))
+        return [(int(float(score)), int(member.split(b":")[1])) for member, score in pairs]
+
+    async def test_the_first_claim_of_a_new_group_holds_every_bucket(self) -> None:
+        a = await self.replica()
+        verdict = await a.claim(0)
+        self.assertEqual((verdict.granted, verdict.reason), (False, gq.HOLD))
+        self.assertAlmostEqual(verdict.wait, self.INTERVAL, delta=0.05)
+        await self.claim_when_free(a, 0)
+
+    async def test_a_slot_is_spaced_across_replicas_on_redis_clock(self) -> None:
+        a, b = await self.replica(), await self.replica()
+        await self.claim_when_free(a, 0)
+        late = await b.claim(1)
+        self.assertEqual((late.granted, late.reason), (False, gq.INTERVAL))
+        self.assertAlmostEqual(late.wait, self.INTERVAL, delta=0.05)
+        await self.claim_when_free(b, 1)
+        (first, _), (second, _) = await self.grant_log()
+        self.assertGreaterEqual(second - first, self.INTERVAL * 1000)
+
+    async def test_the_budget_is_shared_and_never_overdrawn(self) -> None:
+        a, b = await self.replica(token=TOKEN), await self.replica(token=TOKEN)
+        await a.apply(gq.GatewayLimits(4, 1000, 3, 3600, 1))
+        await b.load()
+        self.assertEqual((b.max_concurrency, b.budget.remaining), (4, 3))
+        verdicts = [await self.claim_when_free(b, 0)]  # after the new group's hold
+        verdicts += [await (a if shard % 2 else b).claim(shard) for shard in range(1, 4)]
+        self.assertEqual([v.granted for v in verdicts], [True, True, True, False])
+        self.assertEqual(verdicts[3].reason, gq.BUDGET)
+        self.assertEqual(int(await self.admin.execute("HGET", "t:limits", "remaining")), 0)
+        await a.apply(gq.GatewayLimits(4, 1000, 10, 3600, 1))  # Discord may not have counted the 3 yet
+        self.assertEqual(int(await self.admin.execute("HGET", "t:limits", "remaining")), 7)
+
+    async def test_an_undelivered_grant_gives_back_its_slot_and_start(self) -> None:
+        a = await self.replica(token=TOKEN)
+        await a.apply(gq.GatewayLimits(1, 1000, 5, 3600, 1))
+        verdict = await self.claim_when_free(a, 0)
+        await a.settle(verdict, False)
+        self.assertEqual(int(await self.admin.execute("HGET", "t:limits", "remaining")), 5)
+        self.assertTrue((await a.claim(1)).granted)  # at once: the slot was never used
+        self.assertEqual([shard for _, shard in await self.grant_log()], [1])
+
+    async def test_a_late_reply_is_given_back_not_acted_on(self) -> None:
+        a = await self.replica(token=TOKEN)
+        await a.apply(gq.GatewayLimits(2, 1000, 5, 3600, 1))
+        await self.claim_when_free(a, 1)  # past the new group's hold
+        real_clock = a.clock
+        calls = [0]
+
+        def slow_clock() -> float:  # the reply appears to arrive 100 ms after the claim was sent
+            calls[0] += 1
+            return real_clock() + (0.1 if calls[0] % 2 == 0 else 0.0)
+
+        a.clock = slow_clock
+        with self.assertLogs("gateway_queue", logging.WARNING):
+            verdict = await a.claim(0)
+        a.clock = real_clock
+        self.assertEqual((verdict.granted, verdict.reason), (False, gq.LATE))
+        self.assertEqual(int(await self.admin.execute("HGET", "t:limits", "remaining")), 4)  # given back
+        self.assertTrue((await a.claim(0)).granted)
+
+    async def test_a_freed_slot_goes_to_the_replica_that_waited_longest(self) -> None:
+        a, b = await self.replica(), await self.replica()
+        await self.claim_when_free(a, 0)
+        first = await b.claim(1)  # b waits from now
+        await asyncio.sleep(first.wait)
+        turn = await a.claim(2)  # a asks first, but b's line has waited longer
+        self.assertEqual((turn.granted, turn.reason), (False, gq.FAIR))
+        self.assertLessEqual(turn.wait, gq.FAIR_GRACE)
+        self.assertTrue((await b.claim(1)).granted)
+
+    async def test_a_waiting_replica_that_died_delays_others_by_the_grace_at_most(self) -> None:
+        a, b = await self.replica(), await self.replica()
+        await self.claim_when_free(a, 0)
+        first = await b.claim(1)
+        await b.stop()  # b waits, then dies without claiming
+        await asyncio.sleep(first.wait)
+        started = time.monotonic()
+        await self.claim_when_free(a, 2)
+        self.assertLess(time.monotonic() - started, gq.FAIR_GRACE + 0.1)
+
+    async def test_leases_are_kept_and_released_through_any_replica(self) -> None:
+        a, b = await self.replica(lease_timeout=5.0), await self.replica(lease_timeout=5.0)
+        verdict = await self.claim_when_free(a, 0)
+        await a.settle(verdict, True)
+        held = await b.claim(1)
+        self.assertEqual((held.granted, held.reason), (False, gq.LEASE))
+        self.assertGreater(held.wait, 5.0)
+        woken: List[Optional[int]] = []
+        a.on_change = woken.append
+        status, body = await b.release(0, "ready")  # the release reaches another replica
+        self.assertEqual(status, 200, body)
+        self.assertEqual(b.stats.leases["ready"], 1)
+        await eventually(lambda: 0 in woken, what="the release published")  # a's waiting buckets ask again
+        after = await b.claim(1)
+        self.assertEqual(after.reason, gq.INTERVAL)
+        self.assertAlmostEqual(after.wait, self.INTERVAL, delta=0.05)
+
+    async def test_wrong_releases_are_refused_and_change_nothing(self) -> None:
+        a = await self.replica(lease_timeout=0.3)
+        self.assertEqual((await a.release(0, "ready"))[0], 409)  # nothing granted
+        verdict = await self.claim_when_free(a, 0)
+        await a.settle(verdict, True)
+        ttl = await self.admin.execute("PTTL", "t:slot:0")
+        status, body = await a.release(3, "ready")
+        self.assertEqual((status, body["message"]), (409, "bucket 0's lease belongs to shard 0, not shard 3"))
+        self.assertLessEqual(await self.admin.execute("PTTL", "t:slot:0"), ttl)  # untouched
+        with self.assertLogs("gateway_queue", logging.WARNING) as logs:
+            await asyncio.sleep(0.4)  # past LEASE_TIMEOUT: the granting replica logs it
+            await eventually(lambda: a.stats.leases["timeout"] == 1, what="the timeout noticed")
+        self.assertIn("shard 0 (bucket 0)", logs.output[0])
+        status, body = await a.release(0, "ready")
+        self.assertEqual(status, 409)
+        self.assertIn("timed out", body["message"])
+
+    async def test_only_one_replica_fetches_per_period(self) -> None:
+        a, b, c = await self.replica(token=TOKEN), await self.replica(token=TOKEN), await self.replica(token=TOKEN)
+        turns = [await r.refresh_turn(600) for r in (a, b, c)]
+        self.assertEqual(turns, [True, False, False])
+        await a.apply(gq.GatewayLimits(16, 1000, 900, 3600, 1))
+        self.assertEqual([await r.refresh_turn(600) for r in (a, b, c)], [False, False, False])  # fresh for 10 min
+        self.assertEqual(await b.refresh_turn(0.001) or await c.refresh_turn(0.001), True)  # stale: one of them
+
+    async def test_two_bots_on_one_redis_share_nothing(self) -> None:
+        ours = await self.replica(redis_prefix="bot-a")
+        theirs = await self.replica(redis_prefix="bot-b")
+        await self.claim_when_free(ours, 0)
+        self.assertTrue((await self.claim_when_free(theirs, 0)).granted)
+        self.assertEqual(len(await self.grant_log("bot-a")), 1)
+        self.assertEqual(len(await self.grant_log("bot-b")), 1)
+
+    async def test_a_change_of_max_concurrency_keeps_every_recent_grant(self) -> None:
+        a = await self.replica(token=TOKEN, lease_timeout=5.0)
+        await a.apply(gq.GatewayLimits(1, 1000, 1000, 3600, 1))
+        verdict = await self.claim_when_free(a, 5)
+        await a.settle(verdict, True)
+        await a.apply(gq.GatewayLimits(16, 1000, 1000, 3600, 1))
+        self.assertEqual((await a.claim(21)).reason, gq.LEASE)  # shard 5's lease moved to bucket 5 with it
+        self.assertTrue((await a.claim(0)).granted)  # bucket 0 is free now
+        self.assertEqual((await a.release(5, "ready"))[0], 200)
+
+    async def test_lost_data_holds_every_bucket_one_interval(self) -> None:
+        a = await self.replica()
+        await self.claim_when_free(a, 0)
+        await asyncio.sleep(self.INTERVAL)
+        await self.admin.execute("FLUSHALL")
+        with self.assertLogs("gateway_queue", logging.WARNING) as logs:
+            verdict = await a.claim(0)
+        self.assertEqual((verdict.granted, verdict.reason), (False, gq.HOLD))
+        self.assertIn("lost", logs.output[0])
+
+    async def test_no_grant_without_redis(self) -> None:
+        a = await self.replica()
+        port = self.redis.port
+        self.redis.kill()
+        verdict = await a.claim(0)
+        self.assertEqual((verdict.granted, verdict.reason, verdict.wait), (False, gq.UNAVAILABLE, math.inf))
+        await eventually(lambda: a.problem() is not None, what="the loss noticed")
+        self.assertIn("Redis unreachable", a.problem())
+        woken: List[Optional[int]] = []
+        a.on_change = woken.append
+        self.redis.start(port)
+        await eventually(lambda: a.problem() is None, timeout=10, what="reconnected")
+        await eventually(lambda: None in woken, what="every bucket poked")
+        self.assertEqual((await a.claim(0)).reason, gq.HOLD)  # it came back empty
+
+    async def test_the_password_never_shows(self) -> None:
+        self.redis.stop()
+        self.redis = RedisServer("--requirepass", REDIS_SECRET)
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        wrong = gq.RedisCoordinator(gq.Config(interval=self.INTERVAL, redis_url=self.redis.url(":wrong-" + REDIS_SECRET + "@")))
+        with self.assertLogs("gateway_queue", logging.WARNING) as logs:
+            await wrong.start(0)
+            self.addAsyncCleanup(wrong.stop)
+            await eventually(lambda: "authentication" in (wrong.problem() or ""), what="refused")
+        self.assertNotIn(REDIS_SECRET, wrong.problem() + "\n".join(logs.output))
+        right = gq.RedisCoordinator(gq.Config(interval=self.INTERVAL, redis_url=self.redis.url(f":{REDIS_SECRET}@")))
+        await right.start(0)
+        self.addAsyncCleanup(right.stop)
+        await eventually(lambda: right.problem() is None, what="logged in")
+        self.assertNotIn(REDIS_SECRET, repr(right.address) + str(right.address))
+
+
+REPLICA_CODE = """
+import asyncio, json, logging, os, sys
+import gateway_queue as gq
+settings = json.loads(os.environ["GQ_TEST_CONFIG"])
+logging.basicConfig(level=settings.pop("log_level", "INFO"), format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+server = gq.Server(gq.Config(**settings))
+gq.install_signal_handlers(server)
+sys.exit(asyncio.run(server.run()))
+"""
+
+
+class Replica:
+    """gateway-queue in a process of its own, configured through the class (so its interval may be short)."""
+
+    def __init__(self, **settings: Any):
+        self.proc, self.port = service_process({"GQ_TEST_CONFIG": json.dumps({"host": "127.0.0.1", "port": 0, **settings})},
+                                               code=REPLICA_CODE)
+        self.log = collect_stderr(self.proc)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class ReplicaProcessTests(unittest.IsolatedAsyncioTestCase):
+    """Real replicas on one real Redis, measured at the clients' sockets and in Redis's own record of grants."""
+
+    INTERVAL = 0.3
+    TOLERANCE = 0.03  # what a busy client adds between a grant's write and its read of it
+
+    async def asyncSetUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.admin = await gq.RedisConnection.open(self.redis.address())
+        self.addAsyncCleanup(self.admin.aclose)
+        self.received: List[Tuple[float, int, int]] = []  # (time the client read its grant, shard, replica index)
+
+    def replicas(self, count: int, **settings: Any) -> List[Replica]:
+        started = []
+        for _ in range(count):
+            replica = Replica(**{"interval": self.INTERVAL, "redis_url": self.redis.url(), "redis_prefix": "r", **settings})
+            self.addCleanup(replica.stop)
+            started.append(replica)
+        return started
+
+    async def ask(self, replicas: List[Replica], index: int, shard: int, retry: bool = True) -> Optional[int]:
+        """A shard's client: asks replica `index`; on a refused connection or a 503 (a replica gone or stopping),
+        asks the next one, as a load balancer would. Returns the index of the replica that granted."""
+        for attempt in range(len(replicas) * 3):
+            replica = replicas[(index + attempt) % len(replicas)]
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+                writer.write(get(f"/?shard={shard}"))
+                response = await asyncio.wait_for(read_response(reader), 60)
+                writer.close()
+            except (OSError, asyncio.IncompleteReadError):
+                if not retry:
+                    return None
+                await asyncio.sleep(0.05)
+                continue
+            if response.status == 200:
+                self.received.append((time.monotonic(), shard, replicas.index(replica)))
+                return replicas.index(replica)
+            self.assertEqual(response.status, 503)
+            await asyncio.sleep(0.05)
+        return None
+
+    async def grant_log(self) -> List[Tuple[int, int]]:
+        items = await self.admin.execute("ZRANGE", "r:grants", 0, -1, "WITHSCORES")
+        return [(int(float(score)), int(member.split(b":")[1])) for member, score in zip(items[::2], items[1::2])]
+
+    def assert_spaced(self, times: List[Tuple[float, int]], max_concurrency: int, interval: float, slack: float) -> None:
+        by_bucket: Dict[int, List[float]] = {}
+        for at, shard in times:
+            by_bucket.setdefault(shard % max_concurrency, []).append(at)
+        for bucket, moments in by_bucket.items():
+            moments.sort()
+            gaps = [later - earlier for earlier, later in zip(moments, moments[1:])]
+            self.assertTrue(all(gap >= interval - slack for gap in gaps), (bucket, [round(g, 4) for g in gaps]))
+
+    async def check_spacing(self, max_concurrency: int) -> None:
+        """No two grants in a bucket closer than the interval: exactly, on Redis's clock; within what a client's
+        scheduling adds, at the clients' sockets."""
+        log = await self.grant_log()
+        self.assert_spaced([(ms / 1000, shard) for ms, shard in log], max_concurrency, self.INTERVAL, 0.0)
+        self.assert_spaced([(at, shard) for at, shard, _ in self.received], max_concurrency, self.INTERVAL, self.TOLERANCE)
+
+    async def test_three_replicas_share_the_buckets(self) -> None:
+        for max_concurrency, shards in ((1, 9), (4, 16)):
+            with self.subTest(max_concurrency=max_concurrency):
+                await self.admin.execute("FLUSHALL")
+                self.received.clear()
+                replicas = self.replicas(3, max_concurrency=max_concurrency)
+                granted = await asyncio.gather(*(self.ask(replicas, shard % 3, shard) for shard in range(shards)))
+                self.assertEqual(sorted(granted), sorted(shard % 3 for shard in range(shards)))
+                self.assertEqual(len(await self.grant_log()), shards)
+                await self.check_spacing(max_concurrency)
+                for replica in replicas:
+                    replica.stop()
+
+    async def test_the_shared_budget_is_never_overdrawn_and_fetched_once(self) -> None:
+        fake = FakeDiscord([(200, {}, gateway_body(max_concurrency=2, total=1000, remaining=5), 0)])
+        self.addCleanup(fake.close)
+        replicas = self.replicas(3, token=TOKEN, api_url=fake.url)
+        asks = [asyncio.ensure_future(self.ask(replicas, shard % 3, shard)) for shard in range(8)]
+        await eventually(lambda: sum(task.done() for task in asks) == 5, timeout=10, what="five grants")
+        await asyncio.sleep(gq.VIEW_REFRESH + 0.5)  # long enough for every replica's view of the budget to catch up
+        self.assertEqual(sum(task.done() for task in asks), 5)  # the other three wait for Discord's reset
+        self.assertEqual(int(await self.admin.execute("HGET", "r:limits", "remaining")), 0)
+        self.assertEqual(len(fake.requests), 1)  # one replica fetched for the group
+        status = json.loads(raw_request(replicas[2].port, get("/status", "Connection: close")).split(b"\r\n\r\n", 1)[1])
+        self.assertEqual((status["session_starts"]["remaining"], status["limits"]["max_concurrency"]), (0, 2))
+        for task in asks:
+            task.cancel()
+        await self.check_spacing(2)
+
+    async def test_killed_and_stopped_replicas_never_cause_an_early_grant(self) -> None:
+        replicas = self.replicas(3)
+        asks = [asyncio.ensure_future(self.ask(replicas, shard % 3, shard)) for shard in range(15)]
+        await eventually(lambda: len(self.received) >= 2, timeout=10, what="grants flowing")
+        replicas[0].signal(signal.SIGKILL)  # its parked clients go to the others
+        await eventually(lambda: len(self.received) >= 4, timeout=10, what="grants after the kill")
+        replicas[1].signal(signal.SIGSTOP)  # longer than the interval: its claims' replies come late
+        await asyncio.sleep(self.INTERVAL * 3)
+        replicas[1].signal(signal.SIGCONT)
+        done, _ = await asyncio.wait(asks, timeout=30)
+        self.assertEqual(len(done), 15)
+        self.assertTrue(all(task.result() is not None for task in done))
+        await self.check_spacing(1)
+
+    async def test_redis_lost_and_back_empty(self) -> None:
+        replicas = self.replicas(2)
+        first = await self.ask(replicas, 0, 0)
+        self.assertIsNotNone(first)
+        port = self.redis.port
+        self.redis.kill()
+        lost_at = time.monotonic()
+        asks = [asyncio.ensure_future(self.ask(replicas, shard % 2, shard, retry=False)) for shard in range(1, 5)]
+        for replica in replicas:
+            deadline = time.monotonic() + 10
+            while True:
+                answer = raw_request(replica.port, get("/healthz", "Connection: close"))
+                if b"503 Service Unavailable" in answer:
+                    break
+                self.assertLess(time.monotonic(), deadline, answer)
+                await asyncio.sleep(0.05)
+            self.assertIn(b"Redis unreachable", answer)
+            metrics = raw_request(replica.port, get("/metrics", "Connection: close"))
+            self.assertIn(b'gateway_queue_backend_up{backend="redis"} 0', metrics)
+        await asyncio.sleep(self.INTERVAL * 2)
+        self.assertFalse(any(task.done() for task in asks))  # parked, not failed, not granted
+        self.redis.start(port)  # empty: no persistence
+        back_at = time.monotonic()
+        self.admin = await gq.RedisConnection.open(self.redis.address())
+        self.addAsyncCleanup(self.admin.aclose)
+        done, _ = await asyncio.wait(asks, timeout=20)
+        self.assertEqual(len(done), 4)
+        after = sorted(at for at, shard, _ in self.received if shard)
+        self.assertGreaterEqual(after[0] - back_at, self.INTERVAL - self.TOLERANCE)  # every bucket held once
+        self.assertGreater(after[0] - lost_at, self.INTERVAL)
+        await self.check_spacing(1)
+
+    async def test_a_rolling_restart(self) -> None:
+        """The new replica is up before the old one stops (Kubernetes' rolling update): the old one's parked
+        clients get 503 and ask the new one; no bucket grants twice within the interval."""
+        old, new = self.replicas(2)
+        pool = [old, new]
+        asks = [asyncio.ensure_future(self.ask(pool, 0 if shard < 3 else 1, shard)) for shard in range(6)]
+        await eventually(lambda: len(self.received) >= 2, timeout=10, what="grants flowing")
+        old.signal(signal.SIGTERM)
+        self.assertEqual(old.proc.wait(5), 0)
+        done, _ = await asyncio.wait(asks, timeout=20)
+        self.assertEqual(len(done), 6)
+        self.assertEqual(sorted(shard for _, shard, _ in self.received), list(range(6)))
+        await self.check_spacing(1)
+
+    async def test_no_replica_is_starved(self) -> None:
+        """Two replicas, twelve shards each, one bucket: whoever asks first gets a freed slot, but the replica whose
+        line waited longer goes first, so the grants alternate instead of one replica taking them all."""
+        replicas = self.replicas(2, interval=0.15)
+        asks = [asyncio.ensure_future(self.ask(replicas, shard % 2, shard, retry=False)) for shard in range(24)]
+        await eventually(lambda: len(self.received) >= 12, timeout=20, what="twelve grants")
+        first = [index for _, _, index in sorted(self.received)[:12]]
+        self.assertGreaterEqual(min(first.count(0), first.count(1)), 4, first)
+        for task in asks:
+            task.cancel()
+
+
+class RestartHoldTests(unittest.TestCase):
+    """Without Redis: a new process never grants within one interval of its start, so a restart cannot
+    double-grant a bucket."""
+
+    def test_a_restarted_process_waits_one_interval(self) -> None:
+        settings = json.dumps({"host": "127.0.0.1", "port": 0, "interval": 0.5})
+        grants = []
+        for _ in range(2):
+            proc, port = service_process({"GQ_TEST_CONFIG": settings}, code=REPLICA_CODE)
+            listening = time.monotonic()
+            self.addCleanup(lambda proc=proc: proc.poll() is None and proc.kill())
+            answer = raw_request(port, get("/?shard=0", "Connection: close"))
+            self.assertIn(b"200 OK", answer)
+            grants.append(time.monotonic())
+            self.assertGreaterEqual(grants[-1] - listening, 0.5)
+            proc.send_signal(signal.SIGTERM)  # and the next one starts at once
+            self.assertEqual(proc.wait(5), 0)
+            proc.stderr.close()
+        self.assertGreaterEqual(grants[1] - grants[0], 0.5)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Connections (end to end over loopback)
