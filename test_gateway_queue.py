@@ -9,7 +9,10 @@ a failure, never a skip (.ci/run installs them)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import hashlib
 import heapq
 import http.server
 import io
@@ -20,10 +23,12 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +36,9 @@ import threading
 import time
 import unittest
 import unittest.mock
-from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+import urllib.parse
+import zlib
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import gateway_queue as gq
 
@@ -258,11 +265,19 @@ def collect_stderr(proc: subprocess.Popen) -> List[str]:
     lines: List[str] = []
 
     def drain() -> None:
-        for line in proc.stderr:
-            lines.append(line)
+        with proc.stderr:
+            for line in proc.stderr:
+                lines.append(line)
 
     threading.Thread(target=drain, daemon=True).start()
     return lines
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Kills a process the test started, if it still runs, and reaps it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.0.1") -> bytes:
@@ -2780,7 +2795,7 @@ class Replica:
 class ReplicaProcessTests(unittest.IsolatedAsyncioTestCase):
     """Real replicas on one real Redis, measured at the clients' sockets and in Redis's own record of grants."""
 
-    INTERVAL = 0.3
+    INTERVAL = 0.2
     TOLERANCE = 0.03  # what a busy client adds between a grant's write and its read of it
 
     async def asyncSetUp(self) -> None:
@@ -2952,7 +2967,7 @@ class RestartHoldTests(unittest.TestCase):
         for _ in range(2):
             proc, port = service_process({"GQ_TEST_CONFIG": settings}, code=REPLICA_CODE)
             listening = time.monotonic()
-            self.addCleanup(lambda proc=proc: proc.poll() is None and proc.kill())
+            self.addCleanup(stop_process, proc)
             answer = raw_request(port, get("/?shard=0", "Connection: close"))
             self.assertIn(b"200 OK", answer)
             grants.append(time.monotonic())
@@ -3880,7 +3895,7 @@ class ProcessTests(unittest.TestCase):
 
     def start(self, **environ: str) -> Tuple[subprocess.Popen, int]:
         proc, port = service_process(environ)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(stop_process, proc)
         self.addCleanup(proc.stderr.close)
         return proc, port
 
@@ -3947,7 +3962,7 @@ class ProcessTests(unittest.TestCase):
         """1,000 connections at once against a limit of 300 descriptors: refused or answered 503, at most a few
         warning lines and no traceback, and the service answers again as soon as the burst is gone."""
         proc, port = service_process({"STARTUP_HOLD": "0"}, limit_fds=300)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(stop_process, proc)
         lines = collect_stderr(proc)
         sockets = []
         for _ in range(1000):
@@ -3974,6 +3989,898 @@ class ProcessTests(unittest.TestCase):
         text = "".join(lines)
         self.assertNotIn("Traceback", text)
         self.assertLessEqual(len([line for line in lines if " WARNING " in line or " ERROR " in line]), 4)
+
+# ----------------------------------------------------------------------------------------------------------------
+# The client recipes: examples/ run as real bots against a Discord stand-in
+# ----------------------------------------------------------------------------------------------------------------
+#
+# A Discord stand-in on loopback: just enough REST and gateway for a bot library to log in and IDENTIFY.
+# It judges every IDENTIFY by Discord's rule, records it, and answers a violation the way Discord does, so a test can
+# run a real discord.py or @discordjs/ws bot against it and assert that no shard identified too early.
+#
+#     REST (any Authorization accepted, unless `token` is set)
+#         GET /api/v{N}/gateway/bot                  {"url": "ws://127.0.0.1:<port>/", "shards", "session_start_limit"}
+#         GET /api/v{N}/gateway                      {"url": ...}
+#         GET /api/v{N}/users/@me                    the bot user
+#         GET /api/v{N}/oauth2/applications/@me      the application (discord.py's login asks for it)
+#         anything else                              404, recorded
+#     Gateway (any path with Upgrade: websocket; `?compress=zlib-stream` turns on transport compression)
+#         HELLO (op 10) at once; HEARTBEAT (op 1) -> ACK (op 11); IDENTIFY (op 2) -> READY (op 0) after `ready_delay`;
+#         RESUME (op 6) of a known session -> RESUMED, of an unknown one -> INVALID_SESSION (d false)
+#
+# The rule, as Discord's: an IDENTIFY less than `min_gap` (5.0 s) after the previous IDENTIFY in its bucket
+# (shard_id % max_concurrency) gets INVALID_SESSION (op 9, d false) and counts as a violation. With `strict`, an IDENTIFY
+# less than `min_gap` after the READY that answered the bucket's previous IDENTIFY is one too: Discord never says which
+# of the two it times from, and a queue that holds a bucket until READY (lease mode) passes both.
+#
+# Use it in a test's event loop (`await standin.start()` ... `await standin.close()`, or `async with`), or in a thread
+# of its own (`with standin.running_in_thread():`). `snapshot()` is safe to call from any thread.
+# Run alone: python3 standin.py --shards 8 --max-concurrency 1    (prints the REST base, logs every IDENTIFY)
+#
+# Known omissions: no TLS, no ETF encoding, no zstd (a client asking for another compression gets plain text frames,
+# which every library reads), no dispatch events but READY and RESUMED, no session-start budget enforcement.
+
+standin_log = logging.getLogger("standin")
+
+# -- limits
+# ----------------------------------------------------------------------------------------------------------------
+
+STANDIN_MIN_GAP = 5.0  # Discord: one IDENTIFY per 5 s per bucket
+STANDIN_HEARTBEAT_MS = 41250  # what Discord sends today
+STANDIN_MAX_HEAD = 16 * 1024  # an HTTP request head; bot libraries send well under 1 KiB
+STANDIN_MAX_BODY = 64 * 1024  # no call here takes a body; a bigger one is refused
+STANDIN_MAX_MESSAGE = 1024 * 1024  # one gateway message from a client; IDENTIFY is under 1 KiB
+STANDIN_HEAD_TIMEOUT = 10.0  # a request head slower than this is dropped
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+STANDIN_USER = {
+    "id": "100000000000000001", "username": "standin", "discriminator": "0", "global_name": None, "avatar": None,
+    "bot": True, "flags": 0, "verified": True, "mfa_enabled": False,
+}
+STANDIN_APPLICATION = {
+    "id": "100000000000000002", "name": "standin", "description": "", "icon": None, "bot_public": True,
+    "bot_require_code_grant": False, "owner": STANDIN_USER, "verify_key": "00" * 32, "flags": 0, "summary": "",
+}
+
+# RFC 6455 opcodes, and the gateway's
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+GW_DISPATCH, GW_HEARTBEAT, GW_IDENTIFY, GW_RESUME, GW_INVALID_SESSION, GW_HELLO, GW_ACK = 0, 1, 2, 6, 9, 10, 11
+
+
+class WebSocketError(Exception):
+    """A peer broke HTTP or RFC 6455; carries the WebSocket close code to send."""
+
+    def __init__(self, message: str, close_code: int = 1002) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discord stand-in: records
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInIdentify:
+    """One IDENTIFY as the stand-in judged it. `at` is time.monotonic(); `gap` is from the bucket's previous one."""
+
+    at: float
+    shard: int
+    shard_count: int
+    bucket: int
+    accepted: bool
+    gap: Optional[float]  # seconds since the bucket's previous IDENTIFY, None for its first
+    gap_from_ready: Optional[float]  # seconds since the READY that answered it, None if none was sent
+    reason: str  # "" when accepted
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInSnapshot:
+    """A consistent copy of everything recorded so far."""
+
+    identifies: Tuple[StandInIdentify, ...]
+    connections: int  # gateway WebSocket connections accepted
+    readies: int
+    resumes: int
+    rest: Tuple[Tuple[str, str, int], ...]  # (method, path, status) per REST request
+
+    @property
+    def violations(self) -> Tuple[StandInIdentify, ...]:
+        return tuple(i for i in self.identifies if not i.accepted)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discord stand-in: REST and the rule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiscordStandIn:
+    """REST and gateway on one loopback port. Every option has Discord's value by default but `ready_delay`."""
+
+    def __init__(
+        self,
+        *,
+        shards: int = 1,
+        max_concurrency: int = 1,
+        min_gap: float = STANDIN_MIN_GAP,
+        ready_delay: float = 0.0,
+        strict: bool = False,
+        token: Optional[str] = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.shards, self.max_concurrency, self.min_gap = shards, max_concurrency, min_gap
+        self.ready_delay, self.strict, self.token = ready_delay, strict, token
+        self.host, self.port = host, port
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._tasks: set = set()
+        # shared with snapshot(), which may run in another thread
+        self._lock = threading.Lock()
+        self._identifies: List[StandInIdentify] = []
+        self._rest: List[Tuple[str, str, int]] = []
+        self._connections = self._readies = self._resumes = 0
+        # bucket -> time of its last IDENTIFY, and of the READY that answered it
+        self._last_identify: Dict[int, float] = {}
+        self._last_ready: Dict[int, float] = {}
+        self._sessions: Dict[str, Tuple[int, int]] = {}  # session_id -> (shard, shard_count)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Binds and serves; `self.port` is the bound port afterwards."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stops listening and drops every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> "DiscordStandIn":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    @contextlib.contextmanager
+    def running_in_thread(self) -> Iterator["DiscordStandIn"]:
+        """Serves from a daemon thread with its own event loop until the block ends."""
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        stop: Optional[asyncio.Future] = None
+
+        async def main() -> None:
+            nonlocal stop
+            stop = loop.create_future()
+            await self.start()
+            ready.set()
+            await stop
+            await self.close()
+
+        thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True, name="standin")
+        thread.start()
+        ready.wait(10)
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(lambda: stop is not None and not stop.done() and stop.set_result(None))
+            thread.join(10)
+            loop.close()
+
+    @property
+    def api_base(self) -> str:
+        """The REST base a library is pointed at, without the version: http://127.0.0.1:<port>/api"""
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/"
+
+    def snapshot(self) -> StandInSnapshot:
+        with self._lock:
+            return StandInSnapshot(tuple(self._identifies), self._connections, self._readies, self._resumes,
+                            tuple(self._rest))
+
+    # -- HTTP ----------------------------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await self._read_head(reader)
+                if head is None:
+                    return
+                method, target, headers = head
+                length = int(headers.get("content-length", "0") or "0")
+                if length > STANDIN_MAX_BODY:
+                    return
+                if length:
+                    await reader.readexactly(length)
+                if headers.get("upgrade", "").lower() == "websocket":
+                    await StandInGateway(self, reader, writer, target, headers).run()
+                    return
+                status, body = self._rest_answer(method, target, headers)
+                data = json.dumps(body).encode()
+                writer.write(
+                    f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, WebSocketError, ValueError, asyncio.TimeoutError):
+            pass
+        except asyncio.CancelledError:  # close(): end quietly (3.11's start_server callback chokes on a cancelled task)
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> Optional[Tuple[str, str, Dict[str, str]]]:
+        """One request head as (method, target, lower-cased headers); None at a clean EOF between requests."""
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STANDIN_HEAD_TIMEOUT)
+        except asyncio.IncompleteReadError as error:
+            if error.partial:
+                raise WebSocketError("truncated request head") from None
+            return None
+        except asyncio.LimitOverrunError:
+            raise WebSocketError("request head too large") from None
+        if len(raw) > STANDIN_MAX_HEAD:
+            raise WebSocketError("request head too large")
+        lines = raw.decode("latin-1").split("\r\n")
+        method, target, _version = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        return method, target, headers
+
+    def _rest_answer(self, method: str, target: str, headers: Dict[str, str]) -> Tuple[int, Any]:
+        path = urllib.parse.urlsplit(target).path
+        parts = path.split("/")  # "", "api", "v10", ...
+        route = "/" + "/".join(parts[3:]) if len(parts) > 3 and parts[1] == "api" else path
+        if self.token is not None and headers.get("authorization") != f"Bot {self.token}":
+            status, body = 401, {"message": "401: Unauthorized", "code": 0}
+        elif method == "GET" and route == "/gateway/bot":
+            status, body = 200, {
+                "url": self.gateway_url, "shards": self.shards,
+                "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 86_400_000,
+                                        "max_concurrency": self.max_concurrency},
+            }
+        elif method == "GET" and route == "/gateway":
+            status, body = 200, {"url": self.gateway_url}
+        elif method == "GET" and route == "/users/@me":
+            status, body = 200, STANDIN_USER
+        elif method == "GET" and route == "/oauth2/applications/@me":
+            status, body = 200, STANDIN_APPLICATION
+        else:
+            status, body = 404, {"message": "404: Not Found", "code": 0}
+        with self._lock:
+            self._rest.append((method, path, status))
+        if status != 200:
+            standin_log.info("REST %s %s -> %d", method, path, status)
+        return status, body
+
+    # -- the rule ------------------------------------------------------------------------------------------------
+
+    def judge_identify(self, shard: int, shard_count: int) -> StandInIdentify:
+        """Records an IDENTIFY now and says whether Discord's rule lets it through."""
+        now = time.monotonic()
+        bucket = shard % self.max_concurrency
+        with self._lock:
+            previous, ready = self._last_identify.get(bucket), self._last_ready.get(bucket)
+            gap = None if previous is None else now - previous
+            gap_from_ready = None if ready is None or previous is None or ready < previous else now - ready
+            reason = ""
+            if gap is not None and gap < self.min_gap:
+                reason = f"{gap:.3f} s after the bucket's previous IDENTIFY"
+            elif self.strict and gap_from_ready is not None and gap_from_ready < self.min_gap:
+                reason = f"{gap_from_ready:.3f} s after the READY of the bucket's previous IDENTIFY"
+            record = StandInIdentify(now, shard, shard_count, bucket, not reason, gap, gap_from_ready, reason)
+            self._identifies.append(record)
+            self._last_identify[bucket] = now
+        if reason:
+            standin_log.warning("shard %d IDENTIFY refused: %s", shard, reason)
+        else:
+            standin_log.info("shard %d IDENTIFY accepted (bucket %d, gap %s)", shard, bucket,
+                     "-" if gap is None else f"{gap:.3f} s")
+        return record
+
+    def note_ready(self, shard: int, session_id: str, shard_count: int) -> None:
+        with self._lock:
+            self._last_ready[shard % self.max_concurrency] = time.monotonic()
+            self._sessions[session_id] = (shard, shard_count)
+            self._readies += 1
+
+    def note_connection(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def resume_session(self, session_id: Any) -> Optional[Tuple[int, int]]:
+        with self._lock:
+            self._resumes += 1
+            return self._sessions.get(session_id) if isinstance(session_id, str) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discord stand-in: the gateway
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StandInGateway:
+    """One gateway WebSocket: RFC 6455 framing, optional zlib-stream, and the opcodes a bot needs to get READY."""
+
+    def __init__(self, standin: DiscordStandIn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 target: str, headers: Dict[str, str]) -> None:
+        self.standin, self.reader, self.writer, self.headers = standin, reader, writer, headers
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        self.compressor = zlib.compressobj() if query.get("compress") == ["zlib-stream"] else None
+        self.sequence = 0
+        self.ready_task: Optional[asyncio.Task] = None
+
+    async def run(self) -> None:
+        key = self.headers.get("sec-websocket-key", "")
+        if self.headers.get("sec-websocket-version") != "13" or len(base64.b64decode(key, validate=True)) != 16:
+            self.writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            return
+        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+        self.writer.write(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+        )
+        self.standin.note_connection()
+        await self.send({"op": GW_HELLO, "d": {"heartbeat_interval": STANDIN_HEARTBEAT_MS}, "s": None, "t": None})
+        try:
+            while True:
+                message = await self.receive()
+                if message is None:
+                    return
+                await self.handle(json.loads(message))
+        except WebSocketError as error:
+            standin_log.info("gateway: %s", error)
+            await self.close_frame(error.close_code)
+        finally:
+            if self.ready_task is not None:
+                self.ready_task.cancel()
+
+    async def handle(self, payload: Dict[str, Any]) -> None:
+        op, data = payload.get("op"), payload.get("d")
+        if op == GW_HEARTBEAT:
+            await self.send({"op": GW_ACK, "d": None, "s": None, "t": None})
+        elif op == GW_IDENTIFY:
+            shard, count = (data.get("shard") or [0, 1])[:2]
+            if not self.standin.judge_identify(shard, count).accepted:
+                await self.send({"op": GW_INVALID_SESSION, "d": False, "s": None, "t": None})
+            else:
+                self.ready_task = asyncio.ensure_future(self.ready(shard, count))
+        elif op == GW_RESUME:
+            known = self.standin.resume_session((data or {}).get("session_id"))
+            if known is None:
+                await self.send({"op": GW_INVALID_SESSION, "d": False, "s": None, "t": None})
+            else:
+                await self.dispatch("RESUMED", {})
+
+    async def ready(self, shard: int, count: int) -> None:
+        await asyncio.sleep(self.standin.ready_delay)
+        session_id = secrets.token_hex(16)
+        self.standin.note_ready(shard, session_id, count)
+        await self.dispatch("READY", {
+            "v": 10, "user": STANDIN_USER, "guilds": [], "session_id": session_id,
+            "resume_gateway_url": self.standin.gateway_url, "shard": [shard, count],
+            "application": {"id": STANDIN_APPLICATION["id"], "flags": 0},
+        })
+
+    async def dispatch(self, event: str, data: Dict[str, Any]) -> None:
+        self.sequence += 1
+        await self.send({"op": GW_DISPATCH, "d": data, "s": self.sequence, "t": event})
+
+    # -- RFC 6455 framing ------------------------------------------------------------------------------------------
+
+    async def send(self, payload: Dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        if self.compressor is not None:  # zlib-stream: one deflate stream per connection, each message sync-flushed
+            await self.frame(OP_BINARY, self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH))
+        else:
+            await self.frame(OP_TEXT, data)
+
+    async def frame(self, opcode: int, data: bytes) -> None:
+        """Writes one unmasked final frame (servers never mask)."""
+        if self.writer.is_closing():
+            return
+        size = len(data)
+        if size < 126:
+            head = struct.pack("!BB", 0x80 | opcode, size)
+        elif size < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+        self.writer.write(head + data)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def close_frame(self, code: int) -> None:
+        await self.frame(OP_CLOSE, struct.pack("!H", code))
+
+    async def receive(self) -> Optional[str]:
+        """The next text or binary message, answering pings and closes on the way; None once closed."""
+        parts: List[bytes] = []
+        while True:
+            first, second = await self.reader.readexactly(2)
+            fin, opcode, masked, size = first & 0x80, first & 0x0F, second & 0x80, second & 0x7F
+            if first & 0x70:
+                raise WebSocketError("reserved bits set (no extension was negotiated)")
+            if not masked:
+                raise WebSocketError("client frames must be masked")  # RFC 6455 section 5.1
+            if size == 126:
+                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            if opcode >= 0x8 and (size > 125 or not fin):
+                raise WebSocketError("control frames are final and at most 125 bytes")
+            if size + sum(map(len, parts)) > STANDIN_MAX_MESSAGE:
+                raise WebSocketError("message too big", 1009)
+            mask = await self.reader.readexactly(4)
+            body = bytes(b ^ mask[i % 4] for i, b in enumerate(await self.reader.readexactly(size)))
+            if opcode == OP_PING:
+                await self.frame(OP_PONG, body)
+            elif opcode == OP_PONG:
+                pass
+            elif opcode == OP_CLOSE:
+                await self.frame(OP_CLOSE, body[:2])  # echo the code, as RFC 6455 section 5.5.1 asks
+                return None
+            elif (opcode in (OP_TEXT, OP_BINARY) and not parts) or (opcode == OP_CONTINUATION and parts):
+                parts.append(body)
+                if fin:
+                    return b"".join(parts).decode("utf-8")
+            else:
+                raise WebSocketError(f"unexpected opcode {opcode} here")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipes, run for real
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Each recipe in examples/ runs unchanged as a real bot (discord.py, @discordjs/ws) against the stand-in, through
+# gateway_queue.py started as its own process with the environment's 5 s floor (IDENTIFY_INTERVAL 5.1, as users run
+# it): no shard may identify too early, a refused request must stop the bot with an error the user sees (no reconnect
+# loop), a wait longer than the HTTP client's default timeout must not be cut short, and a queue restarted mid-run
+# must not double-grant. All scenarios run at once (about a minute); the assertions then read their results.
+#
+# The libraries come from .ci/run: GATEWAY_QUEUE_DISCORD_PY (a python with discord.py 2.x) and
+# GATEWAY_QUEUE_NODE_MODULES (a directory holding node_modules/@discordjs/{ws,rest} 2.x). Without them, these tests
+# skip with the reason; under CI=true they fail instead.
+
+EXAMPLES = os.path.join(HERE, "examples")
+RECIPE_TOKEN = "standin.bot.token"
+RECIPE_SECRET = "queue-secret"  # the queue's AUTH_TOKEN
+RECIPE_INTERVAL = 5.1  # the queue's IDENTIFY_INTERVAL: its default
+LOOP_WINDOW = 15.0  # seconds a refused bot is watched: the reported loop made 56 connections in 15 s
+AFTER_EXIT = 2.0  # seconds a bot that exited is still watched for stray connections
+SHORT_TIMEOUT = 2.0  # the HTTP client's default timeout, shortened, in the long-wait cases
+RECIPE_LEASE_TIMEOUT = 10.0  # the queue's, in the lease cases (a fresh queue then holds 10 + 5.1 s)
+STAGGER = 0.7  # seconds between two scenarios' starts, so that their grant rounds (every 5.1 s) do not coincide
+
+DPY_DRIVER = '''"""Runs a discord.py recipe unchanged against the stand-in: python driver.py RECIPE.py
+STANDIN_URL: the stand-in; DRIVER_CLIENT=plain: a discord.Client with the recipe's mixin (DRIVER_SHARD and
+DRIVER_SHARD_COUNT when set); DRIVER_AIOHTTP_TOTAL: aiohttp's default total timeout (300 s), shortened."""
+import os, runpy, sys
+import aiohttp, aiohttp.client, discord, discord.gateway, discord.http, yarl
+
+recipe = os.path.abspath(sys.argv[1])
+base = os.environ["STANDIN_URL"]
+discord.http.Route.BASE = f"{base}/api/v10"
+discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http://", "ws://", 1) + "/")
+if os.environ.get("DRIVER_AIOHTTP_TOTAL"):  # ClientSession reads this module global when given no timeout
+    aiohttp.client.DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=float(os.environ["DRIVER_AIOHTTP_TOTAL"]), sock_connect=30)
+sys.path.insert(0, os.path.dirname(recipe))
+if os.environ.get("DRIVER_CLIENT", "auto") == "auto":
+    runpy.run_path(recipe, run_name="__main__")
+else:
+    namespace = runpy.run_path(recipe)
+    mixin = namespace.get("GatewayQueueLeaseMixin") or namespace["GatewayQueueMixin"]
+    options = {}
+    if os.environ.get("DRIVER_SHARD"):
+        options = {"shard_id": int(os.environ["DRIVER_SHARD"]), "shard_count": int(os.environ["DRIVER_SHARD_COUNT"])}
+    type("PlainBot", (mixin, discord.Client), {})(intents=discord.Intents.default(), **options).run(os.environ["DISCORD_TOKEN"])
+'''
+JS_PRELOAD = """// node --import ./setup.mjs RECIPE.mjs: points @discordjs/rest at the stand-in; DRIVER_HEADERS_TIMEOUT_MS shortens
+// undici's headersTimeout (300 s), which global fetch uses, to show which timeout a recipe depends on.
+import process from 'node:process';
+import { DefaultRestOptions } from '@discordjs/rest';
+DefaultRestOptions.api = `${process.env.STANDIN_URL}/api`;
+if (process.env.DRIVER_HEADERS_TIMEOUT_MS) {
+  const { Agent, setGlobalDispatcher } = await import('undici');
+  const ms = Number(process.env.DRIVER_HEADERS_TIMEOUT_MS);
+  setGlobalDispatcher(new Agent({ headersTimeout: ms, bodyTimeout: ms }));
+}
+"""
+
+
+def discord_py() -> Tuple[Optional[str], str]:
+    """A python with discord.py, and why not when there is none."""
+    python = os.environ.get("GATEWAY_QUEUE_DISCORD_PY")
+    if not python:
+        return None, "GATEWAY_QUEUE_DISCORD_PY is unset (.ci/run installs discord.py into a throwaway venv)"
+    probe = subprocess.run([python, "-c", "import discord, aiohttp"], capture_output=True, text=True)
+    if probe.returncode:
+        return None, f"{python} cannot import discord.py: {probe.stderr.strip()[-200:]}"
+    return python, ""
+
+
+def node_modules() -> Tuple[Optional[str], str]:
+    """A directory whose node_modules holds @discordjs/ws and @discordjs/rest, and why not when there is none."""
+    folder = os.environ.get("GATEWAY_QUEUE_NODE_MODULES")
+    if not shutil.which("node"):
+        return None, "node is not installed"
+    if not folder:
+        return None, "GATEWAY_QUEUE_NODE_MODULES is unset (.ci/run installs @discordjs/ws into a throwaway place)"
+    for package in ("@discordjs/ws", "@discordjs/rest", "undici"):
+        if not os.path.exists(os.path.join(folder, "node_modules", package, "package.json")):
+            return None, f"{folder}/node_modules has no {package}"
+    return folder, ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    lang: str  # "py" or "js"
+    recipe: str  # a file in examples/
+    shards: int = 8  # what the stand-in's /gateway/bot says
+    max_concurrency: int = 1
+    secret: str = RECIPE_SECRET  # what the bot sends as QUEUE_AUTH_TOKEN
+    expect: str = "ready"  # ready: every shard READY; exit: the bot stops by itself
+    lease: bool = False  # the queue runs with LEASE_TIMEOUT
+    strict: bool = False  # the stand-in times from the previous READY too
+    ready_delay: float = 0.0
+    restart_after: int = 0  # restart the queue (SIGTERM, then a new process on the same port) after this many READYs
+    env: Tuple[Tuple[str, str], ...] = ()
+    deadline: float = 90.0
+    runs: Optional[int] = None  # shards the bot runs, when not all (a plain Client runs one)
+
+    @property
+    def running(self) -> int:
+        return self.shards if self.runs is None else self.runs
+
+
+@dataclasses.dataclass
+class Outcome:
+    scenario: Scenario
+    snapshot: "StandInSnapshot"
+    queue: Dict[str, float]  # granted, cancelled, rejected, and lease_<outcome>, summed over the queue's processes
+    exit_code: Optional[int]  # None: it was still running and got stopped
+    stderr: str
+    elapsed: float  # bot start to the last READY, or to its exit
+
+    def summary(self) -> str:
+        gaps = [i.gap for i in self.snapshot.identifies if i.gap is not None]
+        return (f"{self.scenario.name}: {self.elapsed:.1f} s, {len(self.snapshot.identifies)} IDENTIFY, "
+                f"{len(self.snapshot.violations)} refused, {self.snapshot.readies} READY, "
+                f"{self.snapshot.connections} connections, smallest gap {min(gaps) if gaps else None}, queue {self.queue}, "
+                f"exit {self.exit_code}")
+
+
+PY, PY_LEASE, JS, JS_LEASE = "discord_py_queue.py", "discord_py_queue_lease.py", "discordjs_ws_queue.mjs", \
+    "discordjs_ws_queue_lease.mjs"
+SCENARIOS = [  # the longest first: they set the wall time (8 shards at max_concurrency 1: 7 intervals after the first)
+    Scenario("py-8-mc1", "py", PY),
+    Scenario("js-8-mc1", "js", JS),
+    Scenario("py-lease-strict", "py", PY_LEASE, shards=4, lease=True, strict=True, ready_delay=1.5),
+    Scenario("js-lease-strict", "js", JS_LEASE, shards=4, lease=True, strict=True, ready_delay=1.5),
+    Scenario("py-no-lease-strict", "py", PY, shards=4, strict=True, ready_delay=1.5),
+    Scenario("py-restart", "py", PY, shards=4, restart_after=2),
+    Scenario("js-restart", "js", JS, shards=4, restart_after=2),
+    Scenario("py-plain-lease", "py", PY_LEASE, shards=1, lease=True, strict=True, ready_delay=1.5,
+             env=(("DRIVER_CLIENT", "plain"),)),
+    Scenario("py-long-wait", "py", PY, shards=3, env=(("DRIVER_AIOHTTP_TOTAL", str(SHORT_TIMEOUT)),)),
+    Scenario("js-long-wait", "js", JS, shards=3, env=(("DRIVER_HEADERS_TIMEOUT_MS", str(int(SHORT_TIMEOUT * 1000))),)),
+    Scenario("py-lease-recipe-without-lease-mode", "py", PY_LEASE, shards=3),
+    Scenario("py-8-mc4", "py", PY, max_concurrency=4),
+    Scenario("js-8-mc4", "js", JS, max_concurrency=4),
+    Scenario("py-plain-no-shard-id", "py", PY, shards=1, env=(("DRIVER_CLIENT", "plain"),)),
+    Scenario("py-plain-shard-3-of-8", "py", PY, env=(("DRIVER_CLIENT", "plain"), ("DRIVER_SHARD", "3"),
+                                                     ("DRIVER_SHARD_COUNT", "8")), runs=1),
+    Scenario("py-wrong-secret", "py", PY, shards=2, secret="wrong", expect="exit", deadline=LOOP_WINDOW),
+    Scenario("js-wrong-secret", "js", JS, shards=2, secret="wrong", expect="exit", deadline=LOOP_WINDOW),
+]
+
+
+def _recipe_queue_counts(port: int) -> Dict[str, float]:
+    """Requests granted, cancelled, rejected, and leases ended (lease_<outcome>), from the queue's /metrics."""
+    metrics = raw_request(port, get("/metrics", f"Authorization: Bearer {RECIPE_SECRET}", "Connection: close")).decode()
+    counts = {outcome: float(value) for outcome, value in
+              re.findall(r'gateway_queue_requests_total\{outcome="(\w+)"\} ([0-9.e+]+)', metrics)}
+    counts.update({f"lease_{outcome}": float(value) for outcome, value in
+                   re.findall(r'gateway_queue_leases_total\{outcome="(\w+)"\} ([0-9.e+]+)', metrics)})
+    return counts
+
+
+class RecipeRun:
+    """Everything one scenario needs, started and stopped in order: stand-in (a thread of its own), queue, bot."""
+
+    def __init__(self, scenario: Scenario, tools: Dict[str, str], scratch: str):
+        self.scenario, self.tools, self.scratch = scenario, tools, scratch
+        self.counts: Dict[str, float] = {}  # summed over the queue's processes (a restart makes two)
+
+    def start_queue(self, standin: "DiscordStandIn", port: int = 0) -> Tuple[subprocess.Popen, int]:
+        environ = {"HOST": "127.0.0.1", "PORT": str(port), "AUTH_TOKEN": RECIPE_SECRET, "DISCORD_TOKEN": RECIPE_TOKEN,
+                   "DISCORD_API_URL": f"{standin.api_base}/v10", "IDENTIFY_INTERVAL": str(RECIPE_INTERVAL)}
+        if self.scenario.lease:
+            environ["LEASE_TIMEOUT"] = str(RECIPE_LEASE_TIMEOUT)
+        proc, port = service_process(environ)
+        collect_stderr(proc)
+        deadline = time.monotonic() + 15
+        while b'"limits": "discord"' not in raw_request(port, get("/healthz", "Connection: close")):
+            if time.monotonic() > deadline:
+                raise AssertionError("the queue never learned its limits from the stand-in")
+            time.sleep(0.05)
+        return proc, port
+
+    def stop_queue(self, proc: subprocess.Popen, port: int) -> None:
+        for key, value in _recipe_queue_counts(port).items():
+            self.counts[key] = self.counts.get(key, 0.0) + value
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+    def bot_command(self) -> Tuple[List[str], str]:
+        scenario = self.scenario
+        if scenario.lang == "py":
+            return [self.tools["python"], os.path.join(self.scratch, "dpy_driver.py"),
+                    os.path.join(EXAMPLES, scenario.recipe)], self.scratch
+        return ["node", "--import", "file://" + os.path.join(self.scratch, "node", "setup.mjs"),
+                os.path.join(self.scratch, "node", "recipes", scenario.recipe)], os.path.join(self.scratch, "node")
+
+    def run(self, delay: float) -> Outcome:
+        time.sleep(delay)
+        scenario = self.scenario
+        standin = DiscordStandIn(shards=scenario.shards, max_concurrency=scenario.max_concurrency,
+                                 strict=scenario.strict, ready_delay=scenario.ready_delay, token=RECIPE_TOKEN)
+        with standin.running_in_thread():
+            queue, port = self.start_queue(standin)
+            command, cwd = self.bot_command()
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONUNBUFFERED": "1",
+                   "PYTHONDONTWRITEBYTECODE": "1", "DISCORD_TOKEN": RECIPE_TOKEN,
+                   "QUEUE_URL": f"http://127.0.0.1:{port}/", "QUEUE_AUTH_TOKEN": scenario.secret,
+                   "STANDIN_URL": f"http://127.0.0.1:{standin.port}", **dict(scenario.env)}
+            started = time.monotonic()
+            bot = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stderr = collect_stderr(bot)
+            restarted = False
+            elapsed = None
+            while time.monotonic() - started < scenario.deadline:
+                snap = standin.snapshot()
+                if scenario.restart_after and not restarted and snap.readies >= scenario.restart_after:
+                    self.stop_queue(queue, port)  # parked shards get 503 and retry; the new process holds every bucket
+                    queue, port = self.start_queue(standin, port)
+                    restarted = True
+                released = not scenario.lease or (self.counts.get("lease_ready", 0)
+                                                  + _recipe_queue_counts(port).get("lease_ready", 0)) >= scenario.running
+                if scenario.expect == "ready" and snap.readies >= scenario.running and released:
+                    elapsed = time.monotonic() - started
+                    break
+                if bot.poll() is not None:
+                    elapsed = time.monotonic() - started
+                    time.sleep(AFTER_EXIT)
+                    break
+                time.sleep(0.1)
+            exit_code = bot.poll()
+            if exit_code is None:
+                bot.send_signal(signal.SIGINT)
+                try:
+                    bot.wait(10)
+                except subprocess.TimeoutExpired:
+                    bot.kill()
+                    bot.wait()
+            self.stop_queue(queue, port)
+            snapshot = standin.snapshot()
+        return Outcome(scenario, snapshot, dict(self.counts), exit_code, "".join(stderr),
+                       elapsed if elapsed is not None else time.monotonic() - started)
+
+
+class RecipeTests(unittest.TestCase):
+    """The recipes as real bots. setUpClass runs every scenario at once; each test reads one outcome."""
+
+    outcomes: Dict[str, Outcome] = {}
+    missing: Dict[str, str] = {}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        python, python_missing = discord_py()
+        node, node_missing = node_modules()
+        cls.missing = {"py": python_missing, "js": node_missing}
+        cls.scratch = tempfile.mkdtemp(prefix="gq-recipes-")
+        with open(os.path.join(cls.scratch, "dpy_driver.py"), "w") as file:
+            file.write(DPY_DRIVER)
+        tools = {"python": python or "", "node": node or ""}
+        if node:  # a recipe resolves packages from its own directory up: run copies beside node_modules
+            os.makedirs(os.path.join(cls.scratch, "node", "recipes"))
+            os.symlink(os.path.join(node, "node_modules"), os.path.join(cls.scratch, "node", "node_modules"))
+            with open(os.path.join(cls.scratch, "node", "setup.mjs"), "w") as file:
+                file.write(JS_PRELOAD)
+            for name in os.listdir(EXAMPLES):
+                if name.endswith(".mjs"):
+                    shutil.copyfile(os.path.join(EXAMPLES, name), os.path.join(cls.scratch, "node", "recipes", name))
+        runnable = [s for s in SCENARIOS if not cls.missing[s.lang]]
+        results: Dict[str, Any] = {}
+
+        def run(index: int, scenario: Scenario) -> None:
+            try:
+                results[scenario.name] = RecipeRun(scenario, tools, cls.scratch).run(index * STAGGER)
+            except Exception as error:  # reported by the scenario's test
+                results[scenario.name] = error
+
+        threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(runnable)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        cls.outcomes = results
+        if os.environ.get("GATEWAY_QUEUE_RECIPE_REPORT"):
+            for outcome in results.values():
+                print(outcome.summary() if isinstance(outcome, Outcome) else repr(outcome), file=sys.stderr)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        shutil.rmtree(cls.scratch, ignore_errors=True)
+
+    def outcome(self, name: str) -> Outcome:
+        scenario = next(s for s in SCENARIOS if s.name == name)
+        need(not self.missing[scenario.lang], self.missing[scenario.lang])
+        outcome = self.outcomes.get(name)
+        if not isinstance(outcome, Outcome):
+            self.fail(f"{name} did not run: {outcome!r}")
+        return outcome
+
+    def assertAllReady(self, outcome: Outcome) -> None:
+        snap, shards = outcome.snapshot, outcome.scenario.running
+        context = f"{outcome.summary()}\n{outcome.stderr[-3000:]}"
+        self.assertEqual(snap.readies, shards, context)
+        self.assertEqual(len(snap.violations), 0, context)  # Discord's rule held: no INVALID_SESSION
+        self.assertEqual(len(snap.identifies), shards, context)
+        self.assertEqual(outcome.queue.get("granted"), shards, context)
+        self.assertFalse(outcome.queue.get("rejected"), context)
+        self.assertNotIn("Traceback", outcome.stderr, context)
+
+    def assertStopsWithError(self, outcome: Outcome, message: str) -> None:
+        context = f"{outcome.summary()}\n{outcome.stderr[-3000:]}"
+        self.assertEqual(outcome.exit_code, 1, context)  # it stopped by itself, with an error status...
+        self.assertIn(message, outcome.stderr, context)  # ...and a line that says why
+        self.assertLessEqual(outcome.snapshot.connections, outcome.scenario.shards, context)  # no reconnect loop
+        self.assertLessEqual(outcome.queue.get("rejected", 0), outcome.scenario.shards, context)
+        self.assertEqual(len(outcome.snapshot.identifies), 0, context)
+
+    def test_discord_py_8_shards_at_max_concurrency_1_and_4(self) -> None:
+        for name, least, most in (("py-8-mc1", 7 * RECIPE_INTERVAL, math.inf), ("py-8-mc4", 0, 3 * RECIPE_INTERVAL)):
+            with self.subTest(name):
+                outcome = self.outcome(name)
+                self.assertAllReady(outcome)
+                self.assertFalse(outcome.queue.get("cancelled"), outcome.summary())
+                self.assertTrue(least <= outcome.elapsed <= most, outcome.summary())
+
+    def test_discord_py_plain_client(self) -> None:
+        outcome = self.outcome("py-plain-no-shard-id")
+        self.assertAllReady(outcome)
+        self.assertEqual(outcome.snapshot.identifies[0].shard, 0)  # shard_id None asks for shard 0, not "None"
+        outcome = self.outcome("py-plain-shard-3-of-8")
+        self.assertAllReady(outcome)
+        self.assertEqual([(i.shard, i.shard_count) for i in outcome.snapshot.identifies], [(3, 8)])
+
+    def test_discord_py_queue_restarted_mid_run(self) -> None:
+        outcome = self.outcome("py-restart")
+        self.assertAllReady(outcome)  # no INVALID_SESSION although the new process knew nothing of the old's grants
+
+    def test_discord_py_wrong_secret_stops_the_bot_with_one_line(self) -> None:
+        outcome = self.outcome("py-wrong-secret")
+        self.assertStopsWithError(outcome, "gateway-queue refused shard 0: 401")
+        self.assertNotIn("Traceback", outcome.stderr)
+        self.assertNotIn("Retrying", outcome.stderr)
+
+    def test_discord_py_wait_longer_than_aiohttp_default(self) -> None:
+        outcome = self.outcome("py-long-wait")
+        self.assertAllReady(outcome)
+        self.assertFalse(outcome.queue.get("cancelled"), outcome.summary())  # no request was cut and asked again
+        self.assertGreater(max(i.gap or 0 for i in outcome.snapshot.identifies), 2 * SHORT_TIMEOUT)
+
+    def test_discord_py_lease_passes_the_stricter_rule_and_plain_spacing_does_not(self) -> None:
+        outcome = self.outcome("py-lease-strict")
+        self.assertAllReady(outcome)
+        self.assertEqual(outcome.queue.get("lease_ready"), outcome.scenario.shards, outcome.summary())
+        self.assertFalse(outcome.queue.get("lease_timeout"), outcome.summary())
+        control = self.outcome("py-no-lease-strict")
+        self.assertGreater(len(control.snapshot.violations), 0, control.summary())  # what lease mode buys
+        plain = self.outcome("py-plain-lease")
+        self.assertAllReady(plain)
+        self.assertEqual(plain.queue.get("lease_ready"), 1, plain.summary())
+
+    def test_discord_py_lease_recipe_on_a_queue_without_lease_mode(self) -> None:
+        outcome = self.outcome("py-lease-recipe-without-lease-mode")
+        self.assertEqual(outcome.queue.get("rejected"), 1, outcome.summary())  # the one release answered 404...
+        outcome.queue["rejected"] = 0
+        self.assertAllReady(outcome)
+        self.assertEqual(outcome.stderr.count("is not in lease mode"), 1, outcome.stderr)  # ...then no more asked
+
+    def test_discordjs_8_shards_at_max_concurrency_1_and_4(self) -> None:
+        for name, least, most in (("js-8-mc1", 7 * RECIPE_INTERVAL, math.inf), ("js-8-mc4", 0, 3 * RECIPE_INTERVAL)):
+            with self.subTest(name):
+                outcome = self.outcome(name)
+                self.assertAllReady(outcome)
+                self.assertFalse(outcome.queue.get("cancelled"), outcome.summary())
+                self.assertTrue(least <= outcome.elapsed <= most, outcome.summary())
+
+    def test_discordjs_queue_restarted_mid_run(self) -> None:
+        self.assertAllReady(self.outcome("js-restart"))
+
+    def test_discordjs_wrong_secret_stops_the_manager(self) -> None:
+        self.assertStopsWithError(self.outcome("js-wrong-secret"), "QueueRefusedError: gateway-queue refused shard")
+
+    def test_discordjs_wait_longer_than_undici_headers_timeout(self) -> None:
+        outcome = self.outcome("js-long-wait")
+        self.assertAllReady(outcome)
+        self.assertFalse(outcome.queue.get("cancelled"), outcome.summary())
+        self.assertGreater(max(i.gap or 0 for i in outcome.snapshot.identifies), 2 * SHORT_TIMEOUT)
+
+    def test_discordjs_lease_passes_the_stricter_rule(self) -> None:
+        outcome = self.outcome("js-lease-strict")
+        self.assertAllReady(outcome)
+        self.assertEqual(outcome.queue.get("lease_ready"), outcome.scenario.shards, outcome.summary())
+
+
+class WaitForQueueShTests(unittest.TestCase):
+    """examples/wait-for-queue.sh (curl) against the service."""
+
+    script = os.path.join(EXAMPLES, "wait-for-queue.sh")
+
+    def setUp(self) -> None:
+        need(shutil.which("curl") is not None, "curl is not installed")
+
+    def sh(self, shard: str, port: int, secret: Optional[str] = RECIPE_SECRET) -> Tuple[int, str, float]:
+        env = {"PATH": os.environ.get("PATH", ""), "QUEUE_URL": f"http://127.0.0.1:{port}/"}
+        if secret is not None:
+            env["QUEUE_AUTH_TOKEN"] = secret
+        started = time.monotonic()
+        done = subprocess.run(["sh", self.script, shard], env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.stdout, "")
+        return done.returncode, done.stderr, time.monotonic() - started
+
+    def test_grant_wait_and_refusal(self) -> None:
+        proc, port = service_process({"AUTH_TOKEN": RECIPE_SECRET, "STARTUP_HOLD": "0", "IDENTIFY_INTERVAL": "5"})
+        self.addCleanup(stop_process, proc)
+        collect_stderr(proc)
+        code, err, _ = self.sh("0", port)
+        self.assertEqual(code, 0, err)
+        self.assertIn("free to connect", err)
+        code, err, took = self.sh("0", port)  # parked for one interval
+        self.assertEqual(code, 0, err)
+        self.assertGreater(took, 4.5)
+        for secret in ("wrong", None):
+            code, err, took = self.sh("0", port, secret)
+            self.assertEqual(code, 22, err)
+            self.assertIn("401", err)
+            self.assertLess(took, 2.0)
+
+    def test_a_refused_connection_is_retried_until_the_queue_is_up(self) -> None:
+        with socket.socket() as probe:  # a port nobody listens on, for now
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result: Dict[str, Any] = {}
+        waiting = threading.Thread(target=lambda: result.update(answer=self.sh("0", port)))
+        waiting.start()
+        time.sleep(3.0)
+        proc, _ = service_process({"PORT": str(port), "AUTH_TOKEN": RECIPE_SECRET, "STARTUP_HOLD": "0"})
+        self.addCleanup(stop_process, proc)
+        collect_stderr(proc)
+        waiting.join(60)
+        code, err, took = result["answer"]
+        self.assertEqual(code, 0, err)
+        self.assertGreater(took, 3.0)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fuzzing: mutated requests against the parser and a live server
 # ----------------------------------------------------------------------------------------------------------------
