@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import heapq
 import http.server
@@ -37,6 +38,7 @@ import time
 import unittest
 import unittest.mock
 import urllib.parse
+import weakref
 import zlib
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -993,6 +995,9 @@ class DrainEstimateTests(unittest.TestCase):
     def test_beyond_the_windows_played_it_says_so(self) -> None:
         budget = gq.Budget(total=1, remaining=0, reset_at=101.0)
         self.assertEqual(gq.estimate_drain([(100, gq.MAX_ESTIMATE_WINDOWS + 5)], 5.0, 100.0, budget), math.inf)
+        # known at once, without playing 64 windows over 1,024 lines (that took 1.3 s of the loop per /status)
+        with unittest.mock.patch.object(gq, "_time_of_grant", side_effect=AssertionError("played")):
+            self.assertEqual(gq.estimate_drain([(100, 4)] * 1024, 5.0, 100.0, budget), math.inf)
 
     def test_cost_does_not_grow_with_the_crowd(self) -> None:
         """15,000 parked in 16 buckets with a binding budget: the bisection's steps depend on buckets and resets,
@@ -1102,6 +1107,19 @@ class FetchTests(unittest.TestCase):
                 self.assertEqual((error.status, error.fatal), (status, False))  # retried with backoff, like a 5xx
                 self.assertIn("127.0.0.1", str(error))  # the Location's host, to see where it pointed
         self.assertEqual(elsewhere.requests, [])  # the other host never saw the token, nor any request
+
+    def test_a_redirect_that_echoes_the_token_does_not_put_it_in_the_error(self) -> None:
+        """A Location that quotes the token in its host (lower-cased, whole or a part of it), or that does not
+        parse at all ("http://[...]/" makes urlsplit raise): the error says a redirect came, never the token, and
+        is a DiscordError like any other (not an exception that escapes the fetch)."""
+        for location in (f"http://{TOKEN}.example/", f"http://{TOKEN.lower()}.example/",
+                         f"http://{TOKEN.split('.')[2]}.example/", f"http://[{TOKEN}]/", "http://[/"):
+            with self.subTest(location=location):
+                error, _ = self.fetch((302, {"Location": location}, b"", 0))
+                self.assertIsInstance(error, gq.DiscordError)
+                self.assertIn("redirect", str(error))
+                for part in (TOKEN, *TOKEN.split(".")):
+                    self.assertNotIn(part.lower(), str(error).lower())
 
     def test_no_proxy_sees_the_token(self) -> None:
         proxy = self.fake((200, {}, gateway_body(64), 0))
@@ -1935,6 +1953,17 @@ class FakeRedisServerTests(unittest.IsolatedAsyncioTestCase):
         self.addAsyncCleanup(connection.aclose)
         self.assertEqual(self.fake.commands, [[b"AUTH", REDIS_SECRET.encode()], [b"SELECT", b"7"], [b"PING"]])
 
+    async def test_an_auth_error_that_quotes_the_password_is_not_repeated(self) -> None:
+        """A server without AUTH (renamed away, or a proxy) answers "ERR unknown command 'AUTH', with args beginning
+        with: '<password>'": the error the service logs and shows says which kind, never those words."""
+        echo = f"-ERR unknown command 'AUTH', with args beginning with: '{REDIS_SECRET}' \r\n".encode()
+        self.answer({b"AUTH": echo})
+        for rest in (f":{REDIS_SECRET}@", f"bot:{REDIS_SECRET}@"):
+            with self.assertRaises(gq.RedisAuthError) as caught:
+                await self.connect(rest)
+            self.assertIn("ERR", str(caught.exception))
+            self.assertNotIn(REDIS_SECRET, str(caught.exception))
+
     async def test_a_wrong_ping_answer_fails_the_open(self) -> None:
         self.answer({b"PING": b"+NOPE\r\n"})
         with self.assertRaises(gq.RedisProtocolError):
@@ -2588,6 +2617,44 @@ class RedisCoordinatorTests(unittest.IsolatedAsyncioTestCase):
         self.assertAlmostEqual(verdict.wait, self.INTERVAL, delta=0.05)
         await self.claim_when_free(a, 0)
 
+    async def test_a_redis_that_may_evict_keys_is_refused_until_it_may_not(self) -> None:
+        """An evicted slot would let its bucket grant early: with maxmemory set and an evicting policy, no grant, and
+        the problem names the setting; with noeviction (or no maxmemory), it serves."""
+        await self.admin.execute("CONFIG", "SET", "maxmemory", "100mb")
+        await self.admin.execute("CONFIG", "SET", "maxmemory-policy", "volatile-ttl")
+        config = gq.Config(interval=self.INTERVAL, redis_url=self.redis.url(), redis_prefix="t")
+        coordinator = gq.RedisCoordinator(config)
+        await coordinator.start(0)
+        self.addAsyncCleanup(coordinator.stop)
+        await eventually(lambda: "maxmemory-policy" in (coordinator.problem() or ""), what="refused")
+        self.assertIn("volatile-ttl", coordinator.problem())
+        self.assertEqual((await coordinator.claim(0)).reason, gq.UNAVAILABLE)
+        await self.admin.execute("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await eventually(lambda: coordinator.problem() is None, timeout=10, what="accepted")
+        await self.admin.execute("CONFIG", "SET", "maxmemory", "0")
+
+    async def test_late_answers_back_off_are_told_and_spend_nothing(self) -> None:
+        """Every claim answered too late (here: any answer at all is too late) is given back; the bucket asks again
+        after a growing pause instead of at once, one warning stands for many, and after LATE_STREAK in a row
+        /healthz's problem says so. Once answers are timely again, the next claim is granted."""
+        a = await self.replica()
+        await self.claim_when_free(a, 0)  # past the new group's hold
+        await asyncio.sleep(self.INTERVAL + 0.05)
+        with unittest.mock.patch.object(gq, "MAX_CLAIM_RTT", -1.0), self.assertLogs("gateway_queue", "WARNING") as logs:
+            waits = []
+            for _ in range(gq.LATE_STREAK + 2):
+                verdict = await a.claim(0)
+                self.assertEqual((verdict.granted, verdict.reason), (False, gq.LATE))
+                waits.append(verdict.wait)
+        self.assertEqual(waits, sorted(waits))
+        self.assertGreater(waits[-1], waits[0])
+        self.assertLessEqual(waits[-1], gq.LATE_BACKOFF[1])
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("too slowly", a.problem())
+        self.assertIsNone(await self.admin.execute("GET", "t:slot:0"))  # each claim was given back
+        self.assertTrue((await self.claim_when_free(a, 0)).granted)
+        self.assertIsNone(a.problem())
+
     async def test_a_slot_is_spaced_across_replicas_on_redis_clock(self) -> None:
         a, b = await self.replica(), await self.replica()
         await self.claim_when_free(a, 0)
@@ -2840,7 +2907,8 @@ class ReplicaProcessTests(unittest.IsolatedAsyncioTestCase):
         items = await self.admin.execute("ZRANGE", "r:grants", 0, -1, "WITHSCORES")
         return [(int(float(score)), int(member.split(b":")[1])) for member, score in zip(items[::2], items[1::2])]
 
-    def assert_spaced(self, times: List[Tuple[float, int]], max_concurrency: int, interval: float, slack: float) -> None:
+    def assert_spaced(self, times: Sequence[Tuple[float, int]], max_concurrency: int, interval: float,
+                      slack: float) -> None:
         by_bucket: Dict[int, List[float]] = {}
         for at, shard in times:
             by_bucket.setdefault(shard % max_concurrency, []).append(at)
@@ -2852,8 +2920,8 @@ class ReplicaProcessTests(unittest.IsolatedAsyncioTestCase):
     async def check_spacing(self, max_concurrency: int) -> None:
         """No two grants in a bucket closer than the interval: exactly, on Redis's clock; within what a client's
         scheduling adds, at the clients' sockets."""
-        log = await self.grant_log()
-        self.assert_spaced([(ms / 1000, shard) for ms, shard in log], max_concurrency, self.INTERVAL, 0.0)
+        log = await self.grant_log()  # whole milliseconds, compared as integers: no float rounding below the interval
+        self.assert_spaced(log, max_concurrency, round(self.INTERVAL * 1000), 0)
         self.assert_spaced([(at, shard) for at, shard, _ in self.received], max_concurrency, self.INTERVAL, self.TOLERANCE)
 
     async def test_three_replicas_share_the_buckets(self) -> None:
@@ -2965,13 +3033,13 @@ class RestartHoldTests(unittest.TestCase):
         settings = json.dumps({"host": "127.0.0.1", "port": 0, "interval": 0.5})
         grants = []
         for _ in range(2):
+            started = time.monotonic()  # before the process can listen: the hold runs from a later moment
             proc, port = service_process({"GQ_TEST_CONFIG": settings}, code=REPLICA_CODE)
-            listening = time.monotonic()
             self.addCleanup(stop_process, proc)
             answer = raw_request(port, get("/?shard=0", "Connection: close"))
             self.assertIn(b"200 OK", answer)
             grants.append(time.monotonic())
-            self.assertGreaterEqual(grants[-1] - listening, 0.5)
+            self.assertGreaterEqual(grants[-1] - started, 0.5)
             proc.send_signal(signal.SIGTERM)  # and the next one starts at once
             self.assertEqual(proc.wait(5), 0)
             proc.stderr.close()
@@ -3145,6 +3213,34 @@ class ConnectionTests(ServerTestCase):
         self.assertEqual(third.status, 200)
         self.assertLess(time.monotonic() - granted_at, 0.7)  # on schedule: the cancelled one did not take the slot
         self.assertEqual(server.stats.requests["granted"], 2)
+
+    async def test_a_closed_connection_is_freed_without_the_cycle_collector(self) -> None:
+        """asyncio's transport keeps bound methods of itself after it lost its socket; the server drops them, so a
+        parked, granted, aborted or idle connection's transport is freed by reference counting at once (a storm of
+        thousands of closes must not wait for a full collection)."""
+        server = await self.start(interval=3600.0, max_concurrency=2)
+        self.assertEqual((await self.ask(server, get("/?shard=0"))).status, 200)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        gone = []
+        for request, leave in ((get("/?shard=0"), "close"), (get("/?shard=0"), "abort"), (get("/?shard=1"), "close"),
+                               (get("/healthz"), "close")):
+            before = set(server.connections)
+            reader, writer = await self.connect(server)
+            writer.write(request)
+            await eventually(lambda: len(server.connections) > len(before), what="accepted")
+            if request != get("/?shard=0"):
+                await read_response(reader)  # granted or answered, then the client leaves
+            else:
+                await eventually(lambda: server.queue.waiting >= 1, what="parked")
+            (conn,) = set(server.connections) - before
+            gone.append(weakref.ref(conn.writer.transport))
+            del conn
+            writer.transport.abort() if leave == "abort" else writer.close()
+            await eventually(lambda: len(server.connections) == len(before), what="forgotten")
+        await asyncio.sleep(0)
+        self.assertEqual([ref() for ref in gone], [None] * len(gone))
 
     async def test_a_client_that_leaves_while_parked_leaves_in_every_state(self) -> None:
         """Parked with nothing behind it; with a partial head behind it; with complete requests behind it; with
@@ -3775,6 +3871,17 @@ class AuthTests(ServerTestCase):
         self.assertNotIn(self.SECRET, "\n".join(logs.output))
         refusals = [line for line in logs.output if "AUTH_TOKEN" in line and "WARNING" in line]
         self.assertEqual(len(refusals), 1)  # 20 refusals, one line: rate-limited
+
+    async def test_a_refused_request_closes_its_connection(self) -> None:
+        """Without the secret a client gets one answer per connection: what it pipelined behind is not answered,
+        so unauthenticated clients cannot keep connections busy or open."""
+        server = await self.start(auth_token=self.SECRET)
+        reader, writer = await self.connect(server)
+        writer.write(get("/metrics") * 50)
+        response = await read_response(reader)
+        self.assertEqual((response.status, response.headers["connection"]), (401, "close"))
+        self.assertTrue(await closed_by_peer(reader))
+        self.assertEqual(server.stats.errors[401], 1)
 
 
 class LifecycleTests(ServerTestCase):
