@@ -2565,6 +2565,44 @@ class RedisTlsTests(unittest.IsolatedAsyncioTestCase):
             await gq.RedisConnection.open(gq.parse_redis_url(f"redis://127.0.0.1:{self.server.port}"), timeout=2)
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReadmeTests(unittest.TestCase):
+    """What the README shows is what ships: each recipe verbatim, and every named limit."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            cls.readme = file.read()
+
+    def test_every_recipe_is_shown_verbatim(self) -> None:
+        shown = dict(re.findall(r"<!-- example: (examples/[^ ]+) -->\n````[a-z]*\n(.*?)````\n", self.readme, re.S))
+        self.assertEqual(sorted(shown), sorted(f"examples/{name}" for name in os.listdir(EXAMPLES)))
+        for path, text in shown.items():
+            with self.subTest(path=path), open(os.path.join(HERE, path), encoding="utf-8") as file:
+                self.assertEqual(text, file.read(), f"README's block for {path} differs from the file")
+
+    def test_every_limit_is_listed(self) -> None:
+        with open(gq.__file__, encoding="utf-8") as file:
+            source = file.read()
+        section = source[source.index("# Limits\n"):source.index("# Configuration\n")]
+        redis = source[source.index("\nMAX_CLAIM_RTT = "):]
+        names = re.findall(r"^([A-Z][A-Z0-9_]+) = ", section, re.M)
+        names += re.findall(r"^([A-Z][A-Z0-9_]+) = ", redis[:redis.index("\n\n", 1)], re.M)
+        self.assertGreater(len(names), 50)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertTrue(f"| `{name}` |" in self.readme, f"{name} is not in the README's limits tables")
+        listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| `", self.readme, re.M))
+        settings = set(re.findall(r"^    ([A-Z][A-Z_]+) ", gq.__doc__, re.M))  # the environment table's rows
+        self.assertEqual(listed - set(names) - settings, set())  # nothing listed that the module no longer has
+
+
 if __name__ == "__main__":
     unittest.main()
 
@@ -5193,5 +5231,43 @@ class DiscordFuzzTests(unittest.TestCase):
             self.assertTrue(0 <= limits.reset_after <= gq.MAX_RESET_AFTER)
             self.assertTrue(0 <= limits.remaining <= limits.total <= gq.MAX_SESSION_TOTAL)
         self.assertGreater(runs, 500)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReadmeTests(unittest.TestCase):
+    """What the README shows is what ships: each recipe verbatim, and every named limit."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            cls.readme = file.read()
+
+    def test_every_recipe_is_shown_verbatim(self) -> None:
+        shown = dict(re.findall(r"<!-- example: (examples/[^ ]+) -->\n````[a-z]*\n(.*?)````\n", self.readme, re.S))
+        self.assertEqual(sorted(shown), sorted(f"examples/{name}" for name in os.listdir(EXAMPLES)))
+        for path, text in shown.items():
+            with self.subTest(path=path), open(os.path.join(HERE, path), encoding="utf-8") as file:
+                self.assertEqual(text, file.read(), f"README's block for {path} differs from the file")
+
+    def test_every_limit_is_listed(self) -> None:
+        with open(gq.__file__, encoding="utf-8") as file:
+            source = file.read()
+        section = source[source.index("# Limits\n"):source.index("# Configuration\n")]
+        redis = source[source.index("\nMAX_CLAIM_RTT = "):]
+        names = re.findall(r"^([A-Z][A-Z0-9_]+) = ", section, re.M)
+        names += re.findall(r"^([A-Z][A-Z0-9_]+) = ", redis[:redis.index("\n\n", 1)], re.M)
+        self.assertGreater(len(names), 50)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertTrue(f"| `{name}` |" in self.readme, f"{name} is not in the README's limits tables")
+        listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| `", self.readme, re.M))
+        settings = set(re.findall(r"^    ([A-Z][A-Z_]+) ", gq.__doc__, re.M))  # the environment table's rows
+        self.assertEqual(listed - set(names) - settings, set())  # nothing listed that the module no longer has
+
+
 if __name__ == "__main__":
     unittest.main()
