@@ -115,7 +115,7 @@ MAX_HEADERS = 100  # 431 past it; like http.client
 MAX_EMPTY_LINES = 8  # RFC 9112 asks us to skip at least one CRLF before a request; a run longer than this is noise
 MAX_NUMBER_DIGITS = 18  # a longer number from a client is refused before conversion (int() of 4,301 digits raises)
 MAX_BODY_BYTES = 64 * 1024  # 413 past it; queue calls carry no body, the few bytes a client sends are discarded
-HEAD_TIMEOUT = 10.0  # 408 when a request takes longer from its first byte (or a new connection sends none)
+HEAD_TIMEOUT = 10.0  # 408 when a request takes longer from its first byte; a connection that sends none is closed
 
 # One client's connection
 KEEPALIVE_TIMEOUT = 75.0  # an idle connection (no request, none parked) is closed after this; nginx's default
@@ -189,7 +189,7 @@ REDIS_CLOSE_TIMEOUT = 1.0  # aclose() waits this long for the socket to finish c
 REDIS_PING_INTERVAL = 5.0  # an idle subscriber PINGs this often, so a Redis that vanished without a FIN is noticed
 REDIS_SUBSCRIBER_BACKLOG = 1024  # messages not yet taken from a subscriber; past it, it drops as if disconnected
 REDIS_BACKOFF_BASE = 0.1  # first reconnect wait after a failure, doubling per failure in a row...
-REDIS_BACKOFF_CAP = 2.0  # ...up to this: grants resume within ~2 s of Redis coming back (REFERENCE.md)
+REDIS_BACKOFF_CAP = 2.0  # ...up to this: grants resume within ~2 s of Redis coming back
 
 
 
@@ -1366,6 +1366,8 @@ def _release_refusal(shard: int, bucket: int, holder: Optional[int], state: Opti
     if holder is None or state is None:
         return f"no lease is open in bucket {bucket}: shard {shard} was not granted"
     if holder != shard:
+        if state != "open":  # the last lease there was another shard's, and it has ended
+            return f"no lease is open in bucket {bucket}: its last was shard {holder}'s, now {state}"
         return f"bucket {bucket}'s lease belongs to shard {holder}, not shard {shard}"
     if state == "released":
         return f"shard {shard} already released its lease"
@@ -2717,7 +2719,10 @@ if not value then return {0, 'none', bucket, -1, 0, -1, 0} end
 local f = fields(value)
 local held, since = now - tonumber(f[4]), -1
 if tonumber(f[6]) > 0 then since = tonumber(f[4]) - tonumber(f[6]) end
-if f[1] ~= shard then return {0, 'other', bucket, tonumber(f[1]), held, since, 0} end
+if f[1] ~= shard then
+  if f[3] == 'open' and tonumber(f[5]) > now then return {0, 'other', bucket, tonumber(f[1]), held, since, 0} end
+  return {0, 'other ended', bucket, tonumber(f[1]), held, since, 0}
+end
 if f[3] == 'released' then return {0, 'released', bucket, tonumber(f[1]), held, since, 0} end
 if f[3] == 'timedout' or (f[3] == 'open' and tonumber(f[5]) <= now) then
   return {0, 'timed out', bucket, tonumber(f[1]), held, since, 0}
@@ -3087,7 +3092,8 @@ class RedisCoordinator(Coordinator):
             return 404, {"message": "lease mode is off (LEASE_TIMEOUT is 0): there is no lease to release"}
         ok, what, bucket, holder, held_ms, since_ms, claim = await self._run(_LUA_RELEASE, shard, _ms(self.interval))
         if not ok:
-            state = {b"none": None, b"other": "open", b"released": "released", b"timed out": "timed out"}[what]
+            state = {b"none": None, b"other": "open", b"other ended": "ended", b"released": "released",
+                     b"timed out": "timed out"}[what]
             refusal = _release_refusal(shard, bucket, None if holder < 0 else holder, state)
             return 409, {"message": refusal or f"shard {shard} holds no lease in bucket {bucket}"}
         self._forget_lease(claim)
@@ -3992,6 +3998,10 @@ class Server:
         refuse. Only "/" (any query) and requests that carry ?shard= are queued: anything else is a 404, so that a
         stray request (a favicon, a typo) never spends a slot or a session start."""
         path = request.path
+        if path in ("/healthz", "/metrics", "/status") and "shard" in request.query and \
+                _query_value(request.query, "shard") is not None:  # a QUEUE_URL that points here would "grant" at once
+            raise HTTPError(400, f"{path} is not the queue: shards ask the queue's root, GET /?shard=N (check QUEUE_URL)",
+                            close=False)
         if path == "/healthz":
             if request.method not in ("GET", "HEAD"):
                 raise HTTPError(405, "/healthz answers GET and HEAD only", close=False, headers=(("Allow", "GET, HEAD"),))

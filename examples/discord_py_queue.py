@@ -33,7 +33,7 @@ fix it. Raising an ordinary exception from the hook does not stop an AutoSharded
 opens a new gateway connection 5 s later, and does so forever. So the hook raises `QueueRefused`, a SystemExit,
 which no `except Exception` catches and asyncio lets out of the event loop: `run()` closes the client and the
 process exits with status 1 after printing one line to stderr:
-    gateway-queue refused shard 0: 401 {"message": "missing or wrong Authorization: Bearer token"}; check ...
+    gateway-queue refused shard 0: 401 {"message": "missing or wrong credentials: ..."}; check QUEUE_AUTH_TOKEN ...
 The same happens on a plain Client and on a re-identify hours later. Catch QueueRefused around `start()` if the
 process must live on.
 """
@@ -56,7 +56,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach the queue; the wait itself has no limi
 RETRY_FIRST = 1.0  # first wait after a 503 or a network error, doubling per failure...
 RETRY_CAP = 30.0  # ...up to this
 HINTS = {  # what a refusal usually means
-    400: "the shard id did not reach the queue as a number",
+    400: "the shard id did not reach the queue as a number, or QUEUE_URL is not the queue's root",
     401: "check QUEUE_AUTH_TOKEN against the queue's AUTH_TOKEN",
     404: "QUEUE_URL must be the queue's root: it reserves /healthz, /metrics, /status and /release",
     405: "QUEUE_URL must be the queue's root: it reserves /healthz, /metrics, /status and /release",
@@ -84,7 +84,7 @@ async def wait_for_queue(shard_id: Optional[int]) -> None:
                 async with session.get(QUEUE_URL, params={"shard": str(shard)}) as response:
                     if response.status == 200:
                         return
-                    body = (await response.text(errors="replace"))[:300]
+                    body = (await response.text(errors="replace"))[:300].strip()
                     if response.status != 503:
                         hint = HINTS.get(response.status, "check QUEUE_URL and QUEUE_AUTH_TOKEN")
                         raise QueueRefused(f"gateway-queue refused shard {shard}: {response.status} {body}; {hint}")

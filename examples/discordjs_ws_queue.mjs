@@ -24,7 +24,7 @@
 // closes, nothing reconnects) and then reports the error the way the library reports its own fatal errors (bad
 // token, disallowed intents): as the manager's `error` event (error, shardId). With no `error` listener it is thrown
 // like any unhandled 'error' event: Node prints it and exits with status 1, e.g.
-//   QueueRefusedError: gateway-queue refused shard 0: 401 {"message": "missing or wrong Authorization: ..."}; check ...
+//   QueueRefusedError: gateway-queue refused shard 0: 401 {"message": "missing or wrong credentials: ..."}; check ...
 // With a listener, the listener gets it and `manager.connect()` never settles (the shards are gone): a script that
 // awaits it at top level and has nothing else to do then ends with Node's status 13 (unsettled top-level await).
 
@@ -45,7 +45,7 @@ const RETRY_CAP_MS = 30_000; // ...up to this
 const MAX_BODY_CHARS = 300; // of an error answer, for the message
 const CLOSE_REASON = 'gateway-queue refused to queue this shard'; // a WebSocket close reason fits in 123 bytes
 const HINTS = {
-  400: 'the shard id did not reach the queue as a number',
+  400: "the shard id did not reach the queue as a number, or QUEUE_URL is not the queue's root",
   401: "check QUEUE_AUTH_TOKEN against the queue's AUTH_TOKEN",
   404: "QUEUE_URL must be the queue's root: it reserves /healthz, /metrics, /status and /release",
   405: "QUEUE_URL must be the queue's root: it reserves /healthz, /metrics, /status and /release",
@@ -92,7 +92,7 @@ export async function waitForQueue(shardId, signal) {
       if (status === 200) return;
       if (status !== 503) {
         const hint = HINTS[status] ?? 'check QUEUE_URL and QUEUE_AUTH_TOKEN';
-        throw new QueueRefusedError(`gateway-queue refused shard ${shardId}: ${status} ${body}; ${hint}`);
+        throw new QueueRefusedError(`gateway-queue refused shard ${shardId}: ${status} ${body.trim()}; ${hint}`);
       }
       problem = `503 ${body}`;
     } catch (error) {
