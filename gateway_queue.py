@@ -969,7 +969,7 @@ class IdentifyQueue:
         claimed_at = self.clock()
         stats.claims[verdict.reason] += 1
         if not verdict.granted:
-            bucket.retry_at = self.clock() + verdict.wait
+            bucket.retry_at = claimed_at + verdict.wait
             bucket.reason = verdict.reason
             if verdict.max_concurrency != self.max_concurrency:
                 self.poke()  # re-buckets: the coordinator counts buckets differently now
@@ -2545,8 +2545,7 @@ _RedisOpened = TypeVar("_RedisOpened")
 def redis_backoff_delay(failures: int, rand: Callable[[], float] = random.random) -> float:
     """Seconds to wait after `failures` failed attempts in a row: REDIS_BACKOFF_BASE doubling up to
     REDIS_BACKOFF_CAP, half of it fixed and half random, so replicas restarted together do not retry in step."""
-    step = min(REDIS_BACKOFF_CAP, REDIS_BACKOFF_BASE * 2 ** min(max(failures, 1) - 1, 30))
-    return step / 2 + rand() * step / 2
+    return backoff_delay(max(failures, 1), rand=rand, base=REDIS_BACKOFF_BASE, cap=REDIS_BACKOFF_CAP)
 
 
 async def open_redis_with_backoff(
@@ -3010,20 +3009,22 @@ class RedisCoordinator(Coordinator):
         except BackendError:
             return Verdict(False, math.inf, UNAVAILABLE, shard, shard % self.max_concurrency, self.max_concurrency)
         now = self.clock()
+        late = now - sent > MAX_CLAIM_RTT  # Redis acted at some moment in [sent, now]: too vague to grant on
+        if not late:
+            self._late = 0
         granted, reason, wait_us, bucket, mc, epoch, remaining, total, reset_in, claim = reply
         self._learn(epoch, mc, remaining, total, reset_in, now)
         reason = reason.decode("ascii", "replace")
         if not granted:
             self._seen[bucket] = (now + wait_us / 1e6, reason)
             return Verdict(False, wait_us / 1e6, reason, shard, bucket, mc)
-        if now - sent > MAX_CLAIM_RTT:  # Redis granted at some moment in [sent, now]: too vague to act on
+        if late:
             self._late += 1
             self._script_errors.warning("late", "Redis took %.0f ms to answer a claim (over %.0f ms): giving it back",
                                         (now - sent) * 1000, MAX_CLAIM_RTT * 1000)
             await self._unclaim(bucket, claim)
             first, cap = LATE_BACKOFF
-            return Verdict(False, min(cap, first * 2 ** min(self._late - 1, 20)), LATE, shard, bucket, mc)
-        self._late = 0
+            return Verdict(False, backoff_delay(self._late, base=first, cap=cap), LATE, shard, bucket, mc)
         self._seen.pop(bucket, None)
         return Verdict(True, wait_us / 1e6, GRANTED, shard, bucket, mc, claim)
 

@@ -2650,6 +2650,10 @@ class RedisCoordinatorTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(len(logs.records), 1)
         self.assertIn("too slowly", a.problem())
         self.assertIsNone(await self.admin.execute("GET", "t:slot:0"))  # each claim was given back
+        await self.admin.execute("SET", "t:slot:0", "9:0:plain:0:0:0", "PX", 5000)  # held: a timely refusal
+        self.assertEqual((await a.claim(0)).reason, gq.INTERVAL)
+        self.assertIsNone(a.problem())  # any timely answer ends the streak, not only a grant
+        await self.admin.execute("DEL", "t:slot:0")
         self.assertTrue((await self.claim_when_free(a, 0)).granted)
         self.assertIsNone(a.problem())
 
