@@ -622,6 +622,12 @@ def parse_shard(query: str) -> Optional[int]:
     return int(value)
 
 
+def _mentions_shard(query: str) -> bool:
+    """Whether a query names a shard in any spelling (any case, percent-encoded, after a stray "?" or ";"): such
+    a request is refused rather than taken for shard 0 or answered as a status page."""
+    return "shard" in urllib.parse.unquote(query[:MAX_REQUEST_LINE]).lower()
+
+
 def _query_value(query: str, name: str) -> Optional[str]:
     """The one value of a query parameter, None when absent; HTTPError(400) when given twice or the query is huge."""
     if name not in query:  # a cheap way out for queries that cannot hold it
@@ -3999,8 +4005,8 @@ class Server:
         refuse. Only "/" (any query) and requests that carry ?shard= are queued: anything else is a 404, so that a
         stray request (a favicon, a typo) never spends a slot or a session start."""
         path = request.path
-        if path in ("/healthz", "/metrics", "/status") and "shard" in request.query and \
-                _query_value(request.query, "shard") is not None:  # a QUEUE_URL that points here would "grant" at once
+        if path in ("/healthz", "/metrics", "/status") and _mentions_shard(request.query):
+            # a QUEUE_URL that points here would get a 200 at once, which a client takes for a grant
             raise HTTPError(400, f"{path} is not the queue: shards ask the queue's root, GET /?shard=N (check QUEUE_URL)",
                             close=False)
         if path == "/healthz":
@@ -4023,6 +4029,9 @@ class Server:
             return self._release(request)
         shard = parse_shard(request.query)
         if shard is None:
+            if _mentions_shard(request.query):  # "??shard=1", "x=1;shard=1", "SHARD=1": not shard 0's bucket
+                raise HTTPError(400, "a shard is named but not as ?shard=N (check QUEUE_URL for a stray ? or query)",
+                                close=False)
             if path != "/":
                 raise HTTPError(404, f"nothing at {path[:100]}: ask GET /?shard=N before identifying", close=False)
             shard = 0

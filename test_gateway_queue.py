@@ -3472,12 +3472,16 @@ class ConnectionTests(ServerTestCase):
         for a grant: every shard identifies with no spacing at all. Sent a shard, they answer 400 saying so."""
         server = await self.start(interval=3600.0)
         for path in ("/healthz", "/metrics", "/status"):
-            for query in ("?shard=1", "?x=1&shard=0"):
+            for query in ("?shard=1", "?x=1&shard=0", "??shard=1", "?x=1?shard=1", "?x=1;shard=1", "?SHARD=1",
+                          "?%73hard=1"):
                 with self.subTest(path=path, query=query):
                     answer = await self.ask(server, get(path + query))
                     self.assertEqual(answer.status, 400)
                     self.assertIn("QUEUE_URL", answer.json()["message"])
         self.assertEqual((await self.ask(server, get("/healthz?verbose=1"))).status, 200)  # other queries: answered
+        for query in ("??shard=1", "?x=1?shard=1", "?x=1;shard=1", "?Shard=1", "?%73hard=1"):  # not shard 0's bucket
+            with self.subTest(path="/", query=query):
+                self.assertEqual((await self.ask(server, get("/" + query))).status, 400)
         self.assertEqual(server.queue.waiting + server.stats.requests["granted"], 0)
 
     async def test_server_keeps_serving_after_resets(self) -> None:
